@@ -1,0 +1,291 @@
+"""Interpolation paths in the paper's convention: data x0 at t = 0, the other end x1 at t = 1.
+
+| paper        | code          | shape     | meaning                                                        |
+|--------------|---------------|-----------|----------------------------------------------------------------|
+| x0           | x0            | (B, *D)   | data end: real (p0*) or generated (p0^theta)                   |
+| x1           | x1            | (B, *D)   | noise (fm, diffusion), observation of x0 (bridge), source (si) |
+| t            | t             | (B,)      | float time in [0, 1]; sampling runs from t = 1 to t = 0        |
+| xi, z        | z             | (B, *D)   | the family's own N(0, I) noise (bridge, si); unused otherwise  |
+| x_t          | xt            | (B, *D)   | point on the path                                              |
+| f_t(x_t|x0)  | target(...)   | (B, *D)   | conditional target, affine in x0 (Eq. 3)                       |
+| f            | f(x, t)       | callable  | matching model: teacher f_star, fake f_fake, or ExactField     |
+| G_theta      | generate(...) | (B, *D)   | one-step generator parametrisation (PAPER.md Sec. 3)           |
+
+Every family here is linear in (x0, x1, z): x_t = a x0 + b x1 + g z and c = p x0 + q x1 + r z,
+with scalar coefficients of t given by `coeffs(t)` and `target_coeffs(t)`. Models are always
+called through `path.field(f, xt, t, x1)`: the bridge model also sees x1, concatenated on dim 1.
+"""
+import math
+
+import torch
+
+
+def bcast(t, x):
+    """Time (B,) -> (B, 1, ..., 1), broadcastable against x (B, *D)."""
+    return t.reshape(-1, *([1] * (x.dim() - 1)))
+
+
+def _lin(coefs, x0, x1, z):
+    a, b, g = (bcast(c, x0) for c in coefs)
+    return a * x0 + b * x1 + g * z
+
+
+class Path:
+    """Shared interface; the default sampler is Euler on a velocity field (fm, si)."""
+    observes_x1 = False  # True for the bridge: the model input is (x_t, x1)
+
+    def sample_t(self, n, device=None):
+        return torch.rand(n, device=device)
+
+    def draw(self, x0, x1, t, z):
+        """x_t given the data end x0, the other end x1 and the family's noise z."""
+        return _lin(self.coeffs(t), x0, x1, z)
+
+    def target(self, x0, x1, t, z):
+        """The conditional target c = f_t(x_t | x0, x1, z)."""
+        return _lin(self.target_coeffs(t), x0, x1, z)
+
+    def field(self, f, xt, t, x1):
+        return f(xt, t)
+
+    @torch.no_grad()
+    def sample(self, f, x1, steps):
+        """Euler from t = 1 to 0: x <- x - dt f(x, t); `steps` network calls (NFE)."""
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
+        x = x1
+        for i in range(steps):
+            x = x - (ts[i] - ts[i + 1]) * self.field(f, x, ts[i].expand(len(x)), x1)
+        return x
+
+    def generate(self, g, z, x1=None):
+        """G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si)."""
+        return z - self.field(g, z, torch.ones(len(z), device=z.device), x1)
+
+
+class FlowMatching(Path):
+    """Rectified flow / I-CFM: x_t = (1 - t) x0 + t x1, x1 ~ N(0, I), c = x1 - x0."""
+    name = "fm"
+
+    def coeffs(self, t):
+        return 1 - t, t, torch.zeros_like(t)
+
+    def target_coeffs(self, t):
+        return -torch.ones_like(t), torch.ones_like(t), torch.zeros_like(t)
+
+
+class Diffusion(Path):
+    """VP diffusion with noise prediction: x_t = a_t x0 + s_t x1, x1 = eps ~ N(0, I), c = eps."""
+    name = "diffusion"
+
+    def __init__(self, beta_min=0.1, beta_max=20.0, t_min=1e-3, sigma_gen=2.5):
+        self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
+        # Generator noise level (SiD): s_tg / a_tg = sigma_gen, i.e. int_0^tg beta = log(1 + sigma_gen^2).
+        db, L = beta_max - beta_min, math.log(1 + sigma_gen ** 2)
+        self.t_gen = (-beta_min + math.sqrt(beta_min ** 2 + 2 * db * L)) / db
+
+    def alpha_sigma(self, t):
+        """a_t = exp(-1/2 int_0^t beta), s_t = sqrt(1 - a_t^2) for beta(t) linear in t."""
+        t = torch.as_tensor(t)
+        a = torch.exp(-0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2))
+        return a, torch.sqrt(1 - a ** 2)
+
+    def sample_t(self, n, device=None):
+        return self.t_min + (1 - self.t_min) * torch.rand(n, device=device)
+
+    def coeffs(self, t):
+        a, s = self.alpha_sigma(t)
+        return a, s, torch.zeros_like(t)
+
+    def target_coeffs(self, t):
+        return torch.zeros_like(t), torch.ones_like(t), torch.zeros_like(t)
+
+    @torch.no_grad()
+    def sample(self, f, x1, steps):
+        """Deterministic DDIM: x0_hat = (x - s eps_hat) / a, x' = a' x0_hat + s' eps_hat."""
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
+        x = x1
+        for i in range(steps):
+            a, s = self.alpha_sigma(ts[i])
+            a_next, s_next = self.alpha_sigma(ts[i + 1])
+            eps = self.field(f, x, ts[i].expand(len(x)), x1)
+            x = a_next * (x - s * eps) / a + s_next * eps
+        return x
+
+    def generate(self, g, z, x1=None):
+        """SiD: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
+        t = torch.full((len(z),), self.t_gen, device=z.device)
+        a, s = self.alpha_sigma(t[0])
+        x = s * z
+        return (x - s * self.field(g, x, t, x1)) / a
+
+
+class Bridge(Path):
+    """Brownian bridge with x0-prediction: x_t = (1 - t) x0 + t x1 + sqrt(eps t (1 - t)) z, c = x0.
+
+    (x0, x1) are paired (x1 a corrupted observation of x0); the model sees (x_t, x1).
+    """
+    name = "bridge"
+    observes_x1 = True
+
+    def __init__(self, eps=0.5, t_gen=0.5):
+        self.eps, self.t_gen = eps, t_gen
+
+    def coeffs(self, t):
+        return 1 - t, t, torch.sqrt(self.eps * t * (1 - t))
+
+    def target_coeffs(self, t):
+        return torch.ones_like(t), torch.zeros_like(t), torch.zeros_like(t)
+
+    def field(self, f, xt, t, x1):
+        return f(torch.cat([xt, x1], dim=1), t)
+
+    @torch.no_grad()
+    def sample(self, f, x1, steps):
+        """Euler-Maruyama from t = 1 (x = x1) to 0, drift (x - x0_hat) / t, with the exact
+        Brownian-bridge step variance eps dt (t - dt) / t, so the last step lands on x0_hat."""
+        ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
+        x = x1
+        for i in range(steps):
+            t, t_next = ts[i], ts[i + 1]
+            x0_hat = self.field(f, x, t.expand(len(x)), x1)
+            mean = x - (t - t_next) * (x - x0_hat) / t
+            x = mean + torch.sqrt(self.eps * (t - t_next) * t_next / t) * torch.randn_like(x)
+        return x
+
+    def generate(self, g, z, x1=None):
+        """G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
+        t = torch.full((len(z),), self.t_gen, device=z.device)
+        x = x1 + math.sqrt(self.eps * self.t_gen * (1 - self.t_gen)) * z
+        return self.field(g, x, t, x1)
+
+
+class Interpolant(Path):
+    """Stochastic interpolant: x_t = (1 - t) x0 + t x1 + gamma(t) z, gamma(t) = a t (1 - t),
+    x1 from a source independent of x0, c = x1 - x0 + gamma'(t) z (the interpolant's velocity)."""
+    name = "si"
+
+    def __init__(self, a=1.0):
+        self.a = a
+
+    def coeffs(self, t):
+        return 1 - t, t, self.a * t * (1 - t)
+
+    def target_coeffs(self, t):
+        return -torch.ones_like(t), torch.ones_like(t), self.a * (1 - 2 * t)
+
+
+PATHS = {"fm": FlowMatching, "diffusion": Diffusion, "bridge": Bridge, "si": Interpolant}
+
+
+# ----------------------------------------------------------------------------------------------
+# Gaussian mixtures and exact teachers (oracles for the tests and for toy2d.py)
+
+class GaussianMixture:
+    """sum_k w_k N(m_k, S_k); means (K, d), covs (K, d, d), weights (K,), float64."""
+
+    def __init__(self, means, covs, weights):
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.covs = torch.as_tensor(covs, dtype=torch.float64)
+        w = torch.as_tensor(weights, dtype=torch.float64)
+        if self.means.dim() != 2 or self.covs.shape != (*self.means.shape, self.means.shape[1]):
+            raise ValueError(f"need means (K, d) and covs (K, d, d); got {tuple(self.means.shape)}, "
+                             f"{tuple(self.covs.shape)}")
+        if w.shape != self.means.shape[:1] or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-6:
+            raise ValueError("weights must be K non-negative numbers summing to 1")
+        self.weights, self.dim = w, self.means.shape[1]
+
+    @staticmethod
+    def standard(d):
+        return GaussianMixture(torch.zeros(1, d), torch.eye(d)[None], [1.0])
+
+    def sample(self, n, generator=None, labels=False):
+        """(n, d) float32 samples (and their component labels (n,) when labels=True)."""
+        k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        x = self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ eps[:, :, None])[:, :, 0]
+        return (x.float(), k) if labels else x.float()
+
+    def component_log_probs(self, x):
+        """log w_k + log N(x; m_k, S_k), (n, K)."""
+        L = torch.linalg.cholesky(self.covs)  # (K, d, d)
+        diff = (x.double()[:, None, :] - self.means)[..., None]  # (n, K, d, 1)
+        maha = torch.linalg.solve_triangular(L, diff, upper=False).pow(2).sum((-1, -2))
+        log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        return self.weights.log() - 0.5 * (maha + log_det + self.dim * math.log(2 * math.pi))
+
+    def log_prob(self, x):
+        return torch.logsumexp(self.component_log_probs(x), dim=1)
+
+    def mean(self):
+        return self.weights @ self.means
+
+
+def independent(p0, p1):
+    """Joint mixture of (x0, x1) with x0 ~ p0 and x1 ~ p1 independent (fm, diffusion, si)."""
+    K, J, d = len(p0.weights), len(p1.weights), p0.dim
+    means = torch.cat([p0.means[:, None].expand(K, J, d), p1.means[None].expand(K, J, d)], 2)
+    covs = torch.zeros(K, J, 2 * d, 2 * d, dtype=torch.float64)
+    covs[:, :, :d, :d], covs[:, :, d:, d:] = p0.covs[:, None], p1.covs[None]
+    return GaussianMixture(means.reshape(K * J, 2 * d), covs.reshape(K * J, 2 * d, 2 * d),
+                           (p0.weights[:, None] * p1.weights[None]).reshape(-1))
+
+
+def corrupted(p0, H, sigma):
+    """Joint mixture of (x0, x1) with x1 = H x0 + sigma n, n ~ N(0, I) (the bridge's pairs)."""
+    H = torch.as_tensor(H, dtype=torch.float64)
+    S, m = p0.covs, p0.means
+    cross = S @ H.T  # Cov(x0, x1) = S H^T
+    covs = torch.cat([torch.cat([S, cross], 2),
+                      torch.cat([cross.transpose(1, 2), H @ cross + sigma ** 2 * torch.eye(len(H))], 2)], 1)
+    return GaussianMixture(torch.cat([m, m @ H.T], 1), covs, p0.weights)
+
+
+class ExactField:
+    """The exact teacher f*(x, t) = E[c | x] for (x0, x1) ~ joint, a GaussianMixture over (x0, x1).
+
+    x is the model input: x_t, or (x_t, x1) concatenated for the bridge. Per component, (x0, x1, z)
+    is Gaussian and x and c are linear in it, so E[c | x] is a posterior-weighted sum of Gaussian
+    conditional means.
+    """
+
+    def __init__(self, path, joint):
+        self.path, self.joint, self.d = path, joint, joint.dim // 2
+
+    def _moments(self, t):
+        """Per-sample, per-component mean and covariance of the observation x and of c."""
+        d, I = self.d, torch.eye(self.d, dtype=torch.float64)
+
+        def rows(coefs):  # (B, 3) -> (B, d, 3d): [c_0 I, c_1 I, c_2 I]
+            coefs = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(len(t)) for c in coefs], 1)
+            return (coefs[:, None, :, None] * I[None, :, None, :]).reshape(len(t), d, 3 * d)
+
+        t = t.double()
+        M, C = rows(self.path.coeffs(t)), rows(self.path.target_coeffs(t))
+        if self.path.observes_x1:  # the bridge model also sees x1 = [0, I, 0] (x0, x1, z)
+            M = torch.cat([M, rows((0 * t, 1 + 0 * t, 0 * t))], 1)
+        K = len(self.joint.weights)
+        mu = torch.cat([self.joint.means, torch.zeros(K, d, dtype=torch.float64)], 1)  # (K, 3d)
+        cov = torch.zeros(K, 3 * d, 3 * d, dtype=torch.float64)
+        cov[:, :2 * d, :2 * d], cov[:, 2 * d:, 2 * d:] = self.joint.covs, I
+        M, C = M[:, None], C[:, None]  # (B, 1, ., 3d) against components (K, ...)
+        mu_x, mu_c = (M @ mu[..., None])[..., 0], (C @ mu[..., None])[..., 0]
+        # Tiny jitter: the bridge's observation (x_t, x1) is degenerate at t = 1, where x_t = x1.
+        cov_xx = M @ cov @ M.transpose(-1, -2) + 1e-10 * torch.eye(M.shape[-2], dtype=torch.float64)
+        return mu_x, cov_xx, mu_c, C @ cov @ M.transpose(-1, -2)
+
+    def _posterior(self, x, t):
+        mu_x, cov_xx, mu_c, cov_cx = self._moments(t)
+        diff = x.double()[:, None] - mu_x  # (B, K, dx)
+        L = torch.linalg.cholesky(cov_xx)
+        sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
+        log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        log_p = -0.5 * ((diff[..., None] * sol).sum((-1, -2)) + log_det + diff.shape[-1] * math.log(2 * math.pi))
+        return self.joint.weights.log() + log_p, mu_c + (cov_cx @ sol)[..., 0]  # (B, K), (B, K, d)
+
+    def __call__(self, x, t):
+        log_w, cond_mean = self._posterior(x, t)
+        return (torch.softmax(log_w, 1)[..., None] * cond_mean).sum(1).to(x.dtype)
+
+    def log_marginal(self, x, t):
+        """log density of the model input x at time t (for the bridge: of (x_t, x1) jointly)."""
+        return torch.logsumexp(self._posterior(x, t)[0], 1).to(x.dtype)

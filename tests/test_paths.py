@@ -1,0 +1,208 @@
+"""Properties of the four paths, their samplers and the exact Gaussian-mixture teachers."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.integrate import quad
+
+import paths
+
+D = 2
+
+
+def mixture():
+    """Three modes with unequal weights and anisotropic covariances."""
+    covs = torch.tensor([[[0.10, 0.03], [0.03, 0.05]], [[0.05, 0.0], [0.0, 0.20]], [[0.08, -0.02], [-0.02, 0.08]]])
+    return paths.GaussianMixture([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.0]], covs, [0.5, 0.3, 0.2])
+
+
+def source():
+    return paths.GaussianMixture([[0.0, 2.0], [0.0, -2.0]], 0.2 * torch.eye(2).repeat(2, 1, 1), [0.5, 0.5])
+
+
+def setup(name):
+    """(path, joint mixture of (x0, x1)) for every family as the project instantiates it."""
+    p0 = mixture()
+    if name == "bridge":  # x1 = x0 + strong noise, paired with x0
+        return paths.Bridge(eps=0.5), paths.corrupted(p0, torch.eye(D), 1.0)
+    if name == "si":  # a non-Gaussian source independent of x0
+        return paths.Interpolant(a=1.0), paths.independent(p0, source())
+    path = paths.FlowMatching() if name == "fm" else paths.Diffusion()
+    return path, paths.independent(p0, paths.GaussianMixture.standard(D))
+
+
+FAMILIES = ["fm", "diffusion", "bridge", "si"]
+
+
+def draws(n=5, dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, D, generator=g, dtype=dtype) for _ in range(3)]
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_path_starts_at_data_x0(name):
+    path, _ = setup(name)
+    x0, x1, z = draws()
+    assert torch.allclose(path.draw(x0, x1, torch.zeros(5, dtype=torch.float64), z), x0)
+
+
+@pytest.mark.parametrize("name", ["fm", "bridge", "si"])
+def test_path_ends_at_x1(name):
+    path, _ = setup(name)
+    x0, x1, z = draws()
+    assert torch.allclose(path.draw(x0, x1, torch.ones(5, dtype=torch.float64), z), x1)
+
+
+def test_vp_schedule_matches_integrated_beta():
+    """a_t = exp(-1/2 int_0^t beta(s) ds) by quadrature, s_t^2 = 1 - a_t^2, a_1 nearly 0."""
+    path = paths.Diffusion()
+    for t in [0.0, 0.1, 0.44, 0.9, 1.0]:
+        integral = quad(lambda s: 0.1 + (20.0 - 0.1) * s, 0, t)[0]
+        a, s = path.alpha_sigma(torch.tensor(t, dtype=torch.float64))
+        assert float(a) == pytest.approx(math.exp(-0.5 * integral), rel=1e-10)
+        assert float(a ** 2 + s ** 2) == pytest.approx(1.0)
+    assert float(path.alpha_sigma(torch.tensor(1.0))[0]) < 0.01
+
+
+@pytest.mark.parametrize("name", ["fm", "si"])
+def test_velocity_target_is_time_derivative_of_xt(name):
+    path, _ = setup(name)
+    x0, x1, z = draws()
+    t = torch.rand(5, dtype=torch.float64)
+    _, dxt_dt = torch.func.jvp(lambda s: path.draw(x0, x1, s, z), (t,), (torch.ones_like(t),))
+    assert torch.allclose(dxt_dt, path.target(x0, x1, t, z), atol=1e-12)
+
+
+def test_diffusion_target_reproduces_the_noise():
+    path = paths.Diffusion()
+    x0, eps, z = draws()
+    t = path.sample_t(5).double()
+    a, s = path.alpha_sigma(t)
+    xt = path.draw(x0, eps, t, z)
+    c = path.target(x0, eps, t, z)
+    assert torch.allclose(c, eps)
+    assert torch.allclose(c, (xt - a[:, None] * x0) / s[:, None])
+
+
+def test_bridge_target_is_x0_and_noise_vanishes_at_the_ends():
+    path = paths.Bridge(eps=0.5)
+    x0, x1, z = draws()
+    t = torch.rand(5, dtype=torch.float64)
+    assert torch.equal(path.target(x0, x1, t, z), x0)
+    ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    assert torch.all(path.coeffs(ends)[2] == 0)
+
+
+def test_diffusion_generator_noise_level_is_sid_2_5():
+    path = paths.Diffusion()
+    a, s = path.alpha_sigma(torch.tensor(path.t_gen, dtype=torch.float64))
+    assert float(s / a) == pytest.approx(2.5, rel=1e-9)
+
+
+def test_times_are_in_range():
+    t = paths.Diffusion(t_min=1e-3).sample_t(10000)
+    assert t.min() >= 1e-3 and t.max() <= 1
+    t = paths.FlowMatching().sample_t(10000)
+    assert t.min() >= 0 and t.max() <= 1 and abs(float(t.mean()) - 0.5) < 0.02
+
+
+def test_exact_fm_field_matches_the_papers_1d_gaussian_formula():
+    """PAPER.md Sec. 2: for p0 = N(mu, 1), u_t(x) = -mu + (2t - 1)(x - (1 - t) mu) / ((1 - t)^2 + t^2)."""
+    mu = -2.0
+    p0 = paths.GaussianMixture([[mu]], [[[1.0]]], [1.0])
+    f = paths.ExactField(paths.FlowMatching(), paths.independent(p0, paths.GaussianMixture.standard(1)))
+    x, t = torch.linspace(-4, 3, 9, dtype=torch.float64)[:, None], torch.linspace(0, 1, 9, dtype=torch.float64)
+    expected = -mu + (2 * t - 1) * (x[:, 0] - (1 - t) * mu) / ((1 - t) ** 2 + t ** 2)
+    assert torch.allclose(f(x, t)[:, 0], expected, atol=1e-8)
+
+
+def mode_weights(p0, x):
+    """Share of samples whose most likely component is k."""
+    k = p0.component_log_probs(x).argmax(1)
+    return torch.bincount(k, minlength=len(p0.weights)).double() / len(x)
+
+
+def errors(p0, x0_true, x):
+    return (float((x.mean(0) - x0_true.mean(0)).norm()), float((torch.cov(x.T) - torch.cov(x0_true.T)).norm()),
+            float((mode_weights(p0, x) - p0.weights).abs().max()))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sampler_with_exact_field_reproduces_the_mixture(name):
+    """Mean within 0.1, covariance within 0.25 (Frobenius), per-mode weights within 0.03 at 100
+    steps (4000 samples), and 100 steps at least as good as 8 steps."""
+    torch.manual_seed(0)
+    path, joint = setup(name)
+    f = paths.ExactField(path, joint)
+    xx = joint.sample(4000)
+    x0, x1 = xx[:, :D], xx[:, D:]
+    p0 = mixture()
+    coarse, fine = errors(p0, x0, path.sample(f, x1, 8)), errors(p0, x0, path.sample(f, x1, 100))
+    assert fine[0] < 0.1 and fine[1] < 0.25 and fine[2] < 0.03, fine
+    assert fine[0] + fine[1] <= coarse[0] + coarse[1] + 0.02, (coarse, fine)
+
+
+@pytest.mark.parametrize("name", ["fm", "si"])
+def test_one_step_generator_from_the_exact_teacher_returns_the_data_mean(name):
+    """Sec. 3: G(x1) = x1 - f*(x1, 1) = E[x0], since x_1 = x1 carries no information on x0."""
+    path, joint = setup(name)
+    z = joint.sample(50)[:, D:]  # z ~ p1
+    out = path.generate(paths.ExactField(path, joint), z)
+    assert torch.allclose(out, mixture().mean().float().expand(50, D), atol=1e-4)
+
+
+def test_bridge_generator_uses_the_observation_and_its_noise():
+    path, joint = setup("bridge")
+    f = paths.ExactField(path, joint)
+    x1 = joint.sample(2)[:, D:]
+    x1 = x1[:1].expand(400, D)  # one observation, many noise draws
+    out = path.generate(f, torch.randn(400, D), x1)
+    assert out.std(0).min() > 0.05  # a conditional distribution, not only its mean
+
+
+def h(x, t):
+    """A smooth perturbation direction of a field (acts on the first D inputs)."""
+    return torch.sin(x[:, :D]) * (1 + t[:, None]) + 0.5
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_exact_field_minimises_the_um_loss(name):
+    """Eq. (3): L_UM(f* + e h) - L_UM(f*) = 2 e B + e^2 C with B = 0 at the minimiser; with common
+    random numbers, perturbing by e = +-0.2 raises the Monte Carlo loss."""
+    from losses import um_loss
+    torch.manual_seed(1)
+    path, joint = setup(name)
+    f_star = paths.ExactField(path, joint)
+    xx = joint.sample(20000).double()
+    x0, x1 = xx[:, :D], xx[:, D:]
+    t, z = path.sample_t(len(x0)).double(), torch.randn_like(x0)
+    base = um_loss(path, f_star, x0, x1, t, z).mean()
+    for e in [0.2, -0.2]:
+        perturbed = um_loss(path, lambda x, s: f_star(x, s) + e * h(x, s), x0, x1, t, z).mean()
+        assert perturbed > base, (e, float(perturbed), float(base))
+
+
+def test_gaussian_mixture_rejects_bad_parameters():
+    with pytest.raises(ValueError, match="sum"):
+        paths.GaussianMixture([[0.0], [1.0]], torch.ones(2, 1, 1), [0.5, 0.6])
+    with pytest.raises(ValueError, match="means"):
+        paths.GaussianMixture([0.0, 1.0], torch.ones(2, 1, 1), [0.5, 0.5])
+
+
+def test_mixture_log_prob_matches_scipy():
+    from scipy.stats import multivariate_normal
+    p0 = mixture()
+    x = torch.randn(7, D, dtype=torch.float64)
+    ref = np.log(sum(float(w) * multivariate_normal(m.numpy(), S.numpy()).pdf(x.numpy())
+                     for w, m, S in zip(p0.weights, p0.means, p0.covs)))
+    assert np.allclose(p0.log_prob(x).numpy(), ref, atol=1e-10)
+
+
+def test_exact_field_marginal_density_integrates_to_one():
+    """log_marginal is a density of x_t: its integral over a wide grid is 1 (fm, t = 0.3)."""
+    path, joint = setup("fm")
+    g = torch.linspace(-8, 8, 401, dtype=torch.float64)
+    x = torch.cartesian_prod(g, g)
+    p = paths.ExactField(path, joint).log_marginal(x, torch.full((len(x),), 0.3, dtype=torch.float64)).exp()
+    assert float(p.sum() * (g[1] - g[0]) ** 2) == pytest.approx(1.0, abs=1e-4)
