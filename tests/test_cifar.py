@@ -1,0 +1,204 @@
+"""cifar.py on the CPU: the loader on tiny CIFAR-format tarballs built here, training, distillation,
+exact resume, sampling and the fid command (random Inception weights), with the tiny U-Net."""
+import io
+import json
+import pickle
+import tarfile
+import urllib.error
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import cifar
+
+N_PER_BATCH = 4  # 5 batches: 20 training images
+
+
+def images_for(labels, rng):
+    """One flat colour per class plus a little noise, (N, 3072) uint8 in the CIFAR layout."""
+    colours = np.linspace(20, 235, 30).reshape(10, 3)[np.asarray(labels)]  # (N, 3)
+    x = colours[:, :, None] + rng.normal(0, 8, (len(labels), 3, 1024))
+    return np.clip(x, 0, 255).astype(np.uint8).reshape(len(labels), 3072)
+
+
+def add(tar, name, data, kind=tarfile.REGTYPE, linkname=""):
+    info = tarfile.TarInfo(name)
+    info.size, info.type, info.linkname = len(data), kind, linkname
+    tar.addfile(info, io.BytesIO(data))
+
+
+def make_tarball(path, batches=None, extra=()):
+    """A CIFAR-10-python-format .tar.gz; batches: {name: (data (N, 3072) uint8, labels)}."""
+    rng = np.random.default_rng(0)
+    if batches is None:
+        batches = {}
+        for b in range(1, 6):
+            labels = [(b * N_PER_BATCH + i) % 10 for i in range(N_PER_BATCH)]
+            batches[f"data_batch_{b}"] = (images_for(labels, rng), labels)
+    with tarfile.open(path, "w:gz") as tar:
+        for name, (data, labels) in batches.items():
+            add(tar, f"cifar-10-batches-py/{name}", pickle.dumps({"data": data, "labels": labels}, protocol=2))
+        for args in extra:
+            add(tar, *args)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tarball = make_tarball(root / "tiny.tar.gz")
+    return ["--device", "cpu", "--data-tarball", tarball, "--md5", cifar.md5sum(tarball), "--data-dir", str(root)]
+
+
+RUN = ["--batch", "8", "--log-every", "1", "--fid-every", "0"]  # small runs, every step logged
+TRAIN = [*RUN, "--net", "tiny", "--sample-steps", "2"]  # teacher grids with 2 Euler steps
+
+
+@pytest.fixture(scope="module")
+def teacher(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    cifar.main(["train", *data, *TRAIN, "--out", str(out), "--steps", "40", "--lr", "2e-3",
+                "--warmup", "1", "--dropout", "0", "--ema", "0"])  # EMA 0: its weights are the trained ones
+    return out
+
+
+def metrics(out):
+    return [row for row in map(json.loads, open(out / "metrics.jsonl")) if "step" in row]
+
+
+def test_loader_reads_rgb_planes_row_major_and_labels(tmp_path):
+    data = np.zeros((2, 3072), np.uint8)
+    data[0, :1024], data[0, 1024:2048], data[0, 2048:] = 10, 20, 30  # R, G, B planes of image 0
+    data[1, 32:64] = np.arange(32)  # second row of image 1's red plane
+    batches = {f"data_batch_{b}": (data, [b, 9]) for b in range(1, 6)}
+    images, labels = cifar.load_cifar(make_tarball(tmp_path / "t.tar.gz", batches))
+    assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
+    assert images[0, :, 5, 7].tolist() == [10, 20, 30]
+    assert images[1, 0, 1].tolist() == list(range(32)) and images[1, 0, 0].sum() == 0
+    assert labels.tolist() == [1, 9, 2, 9, 3, 9, 4, 9, 5, 9]
+
+
+def test_fetch_checks_the_md5_unless_told_not_to(tmp_path):
+    tarball = make_tarball(tmp_path / "t.tar.gz")
+    assert cifar.fetch(str(tmp_path), tarball, cifar.md5sum(tarball)) == tarball
+    with pytest.raises(SystemExit, match="--md5"):  # default: the official CIFAR-10 checksum
+        cifar.fetch(str(tmp_path), tarball)
+    assert cifar.fetch(str(tmp_path), tarball, "none") == tarball
+
+
+def test_offline_download_says_where_to_put_the_file(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+    monkeypatch.setattr(cifar.urllib.request, "urlretrieve", offline)
+    with pytest.raises(SystemExit, match=str(tmp_path / "cifar-10-python.tar.gz")):
+        cifar.fetch(str(tmp_path))
+
+
+@pytest.mark.parametrize("member", [("../evil", b"x"), ("/tmp/evil", b"x"),
+                                    ("cifar-10-batches-py/link", b"", tarfile.SYMTYPE, "/etc/passwd")])
+def test_loader_refuses_path_traversal_and_links(tmp_path, member):
+    tarball = make_tarball(tmp_path / "t.tar.gz", extra=[member])
+    with pytest.raises(ValueError, match="unsafe member"):
+        cifar.load_cifar(tarball)
+
+
+def test_loader_refuses_pickles_that_call_code(tmp_path):
+    batches = {f"data_batch_{b}": (np.zeros((1, 3072), np.uint8), [0]) for b in range(1, 6)}
+    batches["data_batch_3"] = (np.zeros((1, 3072), np.uint8), print)  # pickles a reference to builtins.print
+    with pytest.raises(pickle.UnpicklingError, match="print"):
+        cifar.load_cifar(make_tarball(tmp_path / "t.tar.gz", batches))
+
+
+def test_real_batches_are_scaled_to_minus_one_one_and_half_are_mirrored():
+    image = (torch.arange(3 * 32 * 32) % 256).reshape(1, 3, 32, 32).to(torch.uint8)  # not mirror-symmetric
+    x0, y = cifar.real_batch(image, torch.tensor([7]), 400, torch.Generator().manual_seed(0), torch.device("cpu"))
+    plain = image.float() / 127.5 - 1  # 0 -> -1, 255 -> 1
+    is_plain, is_mirrored = ((x0 == ref).flatten(1).all(1) for ref in (plain, plain.flip(3)))
+    assert (is_plain ^ is_mirrored).all() and 150 < is_plain.sum() < 250 and (y == 7).all()
+
+
+def test_png_grid_has_the_right_size_and_pixels(tmp_path):
+    images = torch.randint(0, 256, (7, 3, 32, 32), dtype=torch.uint8)
+    cifar.save_grid(str(tmp_path / "g.png"), images, nrow=3, pad=2)
+    png = np.asarray(Image.open(tmp_path / "g.png"))
+    assert png.shape == (2 + 3 * 34, 2 + 3 * 34, 3)  # 3 rows of 3, 2-pixel borders
+    assert (png[2 + 34:2 + 34 + 32, 2 + 34:2 + 34 + 32] == images[4].permute(1, 2, 0).numpy()).all()
+
+
+def test_teacher_training_lowers_the_flow_matching_loss(teacher):
+    loss = [row["loss"] for row in metrics(teacher)]
+    assert np.mean(loss[-5:]) < 0.7 * np.mean(loss[:5])
+
+
+def test_distillation_lowers_the_fake_model_loss(data, teacher, tmp_path):
+    cifar.main(["distill", *data, *RUN, "--teacher", str(teacher / "ckpt.pt"), "--out", str(tmp_path),
+                "--steps", "10", "--K", "5", "--lr", "1e-3", "--warmup", "1"])
+    loss = [row["loss_fake"] for row in metrics(tmp_path)]  # f learns the generator's field, Eq. (16)
+    assert np.mean(loss[-3:]) < 0.9 * np.mean(loss[:3])
+    G = torch.load(tmp_path / "ckpt.pt", weights_only=True)["G"]
+    t = torch.load(teacher / "ckpt.pt", weights_only=True)["ema"]
+    assert any((G[k] != t[k]).any() for k in G)  # the generator moved away from the teacher's weights
+
+
+@pytest.mark.parametrize("cmd", ["train", "distill"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data, teacher, tmp_path, cmd):
+    extra = ["--net", "tiny", "--dropout", "0.1", "--sample-steps", "2"] if cmd == "train" else \
+        ["--teacher", str(teacher / "ckpt.pt"), "--K", "2", "--alpha", "0.9", "--beta", "0.92"]
+    base = ["--batch", "4", "--fid-every", "0", "--warmup", "2", "--lr", "1e-3", *extra]
+    cifar.main([cmd, *data, *base, "--out", str(tmp_path / "a"), "--steps", "4"])
+    cifar.main([cmd, *data, *base, "--out", str(tmp_path / "b"), "--steps", "2"])
+    cifar.main([cmd, *data, *base, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in "ab")
+    assert a["step"] == b["step"] == 4
+    a.pop("args"), b.pop("args")  # --steps and --out differ; everything else must be identical
+    assert_identical(a, b)
+
+
+def assert_identical(a, b, where="ckpt"):
+    """Nested dicts / lists of tensors, bit for bit."""
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b), where
+    elif isinstance(a, (dict, list, tuple)):
+        keys = a.keys() if isinstance(a, dict) else range(len(a))
+        assert len(a) == len(b), where
+        for k in keys:
+            assert_identical(a[k], b[k], f"{where}/{k}")
+    else:
+        assert a == b, where
+
+
+def test_sample_writes_a_grid_of_the_requested_size(teacher, tmp_path):
+    png = tmp_path / "s.png"
+    cifar.main(["sample", "--device", "cpu", "--ckpt", str(teacher / "ckpt.pt"), "--png", str(png), "--n", "12",
+                "--nrow", "5", "--steps", "2"])
+    assert Image.open(png).size == (2 + 5 * 34, 2 + 3 * 34)
+
+
+def test_fid_command_runs_with_random_inception_weights(data, teacher, tmp_path):
+    value = cifar.main(["fid", *data, "--ckpt", str(teacher / "ckpt.pt"), "--inception-weights", "random",
+                        "--n", "10", "--steps", "2", "--fid-batch", "5"])
+    assert np.isfinite(value) and value > 0
+    assert json.loads(open(teacher / "fid.jsonl").readline())["n"] == 10
+
+
+def test_class_conditional_teacher_distils_and_samples(data, tmp_path):
+    cifar.main(["train", *data, *TRAIN, "--cond", "--out", str(tmp_path / "t"), "--steps", "2"])
+    cifar.main(["distill", *data, *RUN, "--teacher", str(tmp_path / "t" / "ckpt.pt"), "--out", str(tmp_path / "g"),
+                "--steps", "1", "--K", "1", "--delta", "beta", "--gamma", "0.95"])
+    cifar.main(["sample", "--device", "cpu", "--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--png", str(tmp_path / "s.png"),
+                "--n", "10"])
+    assert torch.load(tmp_path / "g" / "ckpt.pt", weights_only=True)["unet"]["num_classes"] == 10
+
+
+def test_distill_refuses_alpha_one_with_beta_below_one(data, teacher, tmp_path):
+    with pytest.raises(ValueError, match="alpha = 1 requires beta = 1"):
+        cifar.main(["distill", *data, "--teacher", str(teacher / "ckpt.pt"), "--out", str(tmp_path),
+                    "--alpha", "1", "--beta", "0.9"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without a GPU")
+def test_without_a_gpu_the_default_device_says_so():
+    with pytest.raises(SystemExit, match="--device cpu"):
+        cifar.main(["bench", "--net", "tiny"])
