@@ -236,12 +236,12 @@ def generate_uint8(sample, n, batch, cond, dev, seed=0):
         yield fid.to_uint8(x.float()).cpu()
 
 
-def inception_and_reference(args, dev, images):
+def inception_and_reference(args, dev):
     """The FID Inception network and the reference (mu, sigma): --fid-ref, or the training images' (the
     paper's protocol), computed once and cached in --data-dir."""
     if args.inception_weights == "random":  # tests: the FID plumbing with an untrained network, no cache
         model = fid.InceptionV3().eval().to(dev)
-        return model, fid.stats(fid.features(model, images.split(250), dev))
+        return model, fid.stats(fid.features(model, load_cifar(args.tarball)[0].split(250), dev))
     model = fid.load_inception(args.inception_weights, device=dev)
     if args.fid_ref:
         return model, fid.load_stats(args.fid_ref)
@@ -249,7 +249,7 @@ def inception_and_reference(args, dev, images):
     cache = os.path.join(args.data_dir, f"fid_ref_{md5sum(args.tarball)[:8]}_{md5sum(weights)[:8]}.npz")
     if not os.path.exists(cache):
         os.makedirs(args.data_dir, exist_ok=True)
-        fid.save_stats(cache, *fid.stats(fid.features(model, images.split(250), dev)))
+        fid.save_stats(cache, *fid.stats(fid.features(model, load_cifar(args.tarball)[0].split(250), dev)))
     return model, fid.load_stats(cache)
 
 
@@ -287,7 +287,7 @@ def train(args):
             m.load_state_dict(ckpt[key])
         set_rng_state(ckpt["rng"], data_gen)
         start = ckpt["step"]
-    fid_tools = inception_and_reference(args, dev, images) if 0 < args.fid_every <= args.steps else None
+    fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
     log = open(os.path.join(args.out, "metrics.jsonl"), "a")
     log.write(json.dumps({"args": vars(args), "start": start}) + "\n")
     grid_z = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)  # fixed grid noise
@@ -350,7 +350,7 @@ def distill(args):
             m.load_state_dict(ckpt[key])
         set_rng_state(ckpt["rng"], data_gen)
         start = ckpt["step"]
-    fid_tools = inception_and_reference(args, dev, images) if 0 < args.fid_every <= args.steps else None
+    fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
     log = open(os.path.join(args.out, "metrics.jsonl"), "a")
     log.write(json.dumps({"args": vars(args), "start": start}) + "\n")
     grid_z = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)
@@ -414,8 +414,7 @@ def sample(args):
 def fid_command(args):
     dev = setup(args)
     sample_fn, cond = load_sampler(args, dev)
-    images, _ = load_cifar(args.tarball)
-    inception, ref = inception_and_reference(args, dev, images)
+    inception, ref = inception_and_reference(args, dev)
     tic = time.time()
     result = {"fid": fid_of(sample_fn, args.n, args, cond, dev, inception, ref), "ckpt": args.ckpt, "n": args.n,
               "seconds": time.time() - tic, "args": vars(args)}
@@ -560,7 +559,7 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    if args.cmd in ("train", "distill", "finetune", "fid"):
+    if args.cmd in ("train", "distill", "finetune") or (args.cmd == "fid" and not args.fid_ref):
         args.tarball = fetch(args.data_dir, args.data_tarball, args.md5)
     if args.cmd in ("train", "distill", "finetune"):
         os.makedirs(args.out, exist_ok=True)
