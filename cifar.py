@@ -302,10 +302,11 @@ def train(args):
         ema_update(ema, net, args.ema)
 
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        fid_now = fid_tools is not None and done % args.fid_every == 0
+        if fid_now or done % args.log_every == 0 or done == args.steps:
             row = {"step": done, "loss": loss.item(), "grad_norm": grad_norm, "lr": opt.param_groups[0]["lr"],
                    "sec_per_it": (time.time() - tic) / (done - start)}
-            if fid_tools and done % args.fid_every == 0:
+            if fid_now:
                 row["fid"] = fid_of(sampler(path, ema, "teacher", args.sample_steps), args.fid_samples, args,
                                     args.cond, dev, *fid_tools)
             log.write(json.dumps(row) + "\n")
@@ -333,9 +334,9 @@ def distill(args):
     f_star = make_net(unet, dev)
     f_star.load_state_dict(teacher["ema"])
     f_star.eval().requires_grad_(False)  # the teacher is never trained
-    G = make_net(unet, dev)  # generator G(z) = z - g(z, 1) from the teacher's EMA weights, or when
+    G = make_net(unet, dev)  # generator G(z) = z - g(z, 1): the teacher's EMA weights (fine-tuning: a G_ema)
     G.load_state_dict(load_ckpt(args.generator, dev)["G_ema"] if args.generator else teacher["ema"])
-    G_ema = copy.deepcopy(G).eval().requires_grad_(False)  # fine-tuning, from a distilled generator's
+    G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     f_fake = make_net(unet, dev)  # fake model f: random weights, or the teacher's
     if args.fake_init == "teacher":
         f_fake.load_state_dict(teacher["ema"])
@@ -377,11 +378,12 @@ def distill(args):
         ema_update(G_ema, G, args.ema)
 
         done = step + 1
-        if done % args.log_every == 0 or done == args.steps:
+        fid_now = fid_tools is not None and done % args.fid_every == 0
+        if fid_now or done % args.log_every == 0 or done == args.steps:
             row = {"step": done, "loss_fake": loss_fake.item(), "loss_G": loss_G.item(), "grad_norm_fake": fake_norm,
                    "grad_norm_G": G_norm, "lr": opt_G.param_groups[0]["lr"],
                    "sec_per_it": (time.time() - tic) / (done - start)}
-            if fid_tools and done % args.fid_every == 0:
+            if fid_now:
                 row["fid"] = fid_of(sampler(path, G_ema, "generator", 1), args.fid_samples, args, cond, dev, *fid_tools)
             log.write(json.dumps(row) + "\n")
             log.flush()

@@ -197,10 +197,12 @@ class PooledPixels(torch.nn.Module):
 
 def test_distillation_logs_a_periodic_fid_of_the_ema_generator(data, teacher, tmp_path, monkeypatch):
     monkeypatch.setattr(cifar.fid, "InceptionV3", PooledPixels)  # --inception-weights random builds this
-    cifar.main(["distill", *data, *RUN, "--teacher", str(teacher / "ckpt.pt"), "--out", str(tmp_path), "--steps", "2",
-                "--K", "1", "--fid-every", "2", "--fid-samples", "5", "--fid-batch", "5", "--inception-weights", "random"])
-    rows = metrics(tmp_path)
-    assert "fid" not in rows[0] and np.isfinite(rows[1]["fid"]) and rows[1]["fid"] > 0
+    cifar.main(["distill", *data, *RUN, "--teacher", str(teacher / "ckpt.pt"), "--out", str(tmp_path), "--steps", "3",
+                "--K", "1", "--log-every", "5", "--fid-every", "2", "--fid-samples", "5", "--fid-batch", "5",
+                "--inception-weights", "random"])
+    rows = metrics(tmp_path)  # step 2 for the FID although it is no logging step, step 3 as the last one
+    assert [r["step"] for r in rows] == [2, 3] and "fid" not in rows[1]
+    assert np.isfinite(rows[0]["fid"]) and rows[0]["fid"] > 0
 
 
 def test_class_conditional_teacher_distils_and_samples(data, tmp_path):
