@@ -54,6 +54,24 @@ def lemma2_value(f_star, f_gen, alpha, beta, t0):
     return float(torch.trapezoid(l_t, x[:, 0]))
 
 
+def general_delta_opt(f_star, f_gen, alpha, beta, gamma):
+    """App. A.2 pointwise optimum: delta_opt = b / A with b = p^th (alpha f* - beta f^th) + (beta - alpha) p* f*,
+    A = gamma p^th + (1 - gamma) p*; the maximised objective is int ||b||^2 / A dx."""
+    def delta(x, t):
+        p_s, p_g, fs = density(f_star, x, t), density(f_gen, x, t), f_star(x, t)
+        return (p_g * (alpha * fs - beta * f_gen(x, t)) + (beta - alpha) * p_s * fs) / (gamma * p_g + (1 - gamma) * p_s)
+    return delta
+
+
+def general_value(f_star, f_gen, alpha, beta, gamma, t0):
+    """int A ||delta_opt||^2 dx = int ||b||^2 / A dx at time t0, by the trapezoid rule."""
+    x = torch.linspace(-12, 12, 24001, dtype=torch.float64)[:, None]
+    t = torch.full((len(x),), t0, dtype=torch.float64)
+    A = gamma * density(f_gen, x, t) + (1 - gamma) * density(f_star, x, t)
+    d = general_delta_opt(f_star, f_gen, alpha, beta, gamma)(x, t)
+    return float(torch.trapezoid((A * d ** 2).sum(1), x[:, 0]))
+
+
 def draws(n, seed, t0=T0):
     g = torch.Generator().manual_seed(seed)
     x1, z = torch.randn(n, 1, generator=g, dtype=torch.float64), torch.randn(n, 1, generator=g, dtype=torch.float64)
@@ -110,16 +128,6 @@ def test_lemma2_inner_max_matches_monte_carlo(alpha, beta):
     assert abs(mc - exact) < 4 * se + 1e-3, (mc, se, exact)
 
 
-def test_eq22_at_the_data_is_the_teacher_and_lemma2_vanishes():
-    """Theorem 2: at p^theta = p*, Eq. (22) gives f* and the inner max (Lemma 2) is 0."""
-    p_star = real_mixture()
-    f_star, f_gen = field(p_star), field(real_mixture())
-    x = torch.linspace(-5, 5, 101, dtype=torch.float64)[:, None]
-    t = torch.full((101,), T0, dtype=torch.float64)
-    assert torch.allclose(eq22(f_star, f_gen, ALPHA, BETA)(x, t), f_star(x, t), atol=1e-10)
-    assert abs(lemma2_value(f_star, f_gen, ALPHA, BETA, T0)) < 1e-10
-
-
 @pytest.mark.parametrize("alpha,beta", [(ALPHA, BETA), (1.0, 1.0)])
 def test_generator_gradient_is_the_gradient_of_lemma2(alpha, beta):
     """Danskin: with the fake model frozen at f_opt (Eq. 22), the gradient of the generator loss
@@ -142,6 +150,31 @@ def test_generator_gradient_is_the_gradient_of_lemma2(alpha, beta):
     exact = torch.tensor([(value(mu + h, sigma) - value(mu - h, sigma)) / (2 * h),
                           (value(mu, sigma + h) - value(mu, sigma - h)) / (2 * h)], dtype=torch.float64)
     assert exact[0] > 0.5  # the generator sits right of mu* = -2: moving left lowers the value
+    assert torch.all((mc - exact).abs() < 4 * se + 0.02 * exact.abs()), (mc, se, exact)
+
+
+@pytest.mark.parametrize("alpha,beta,gamma,s", [(ALPHA, BETA, 0.5, BETA), (0.9, 0.95, 0.6, 1.0)])
+def test_general_generator_gradient_is_the_gradient_of_the_general_value(alpha, beta, gamma, s):
+    """App. A.2 with gamma != alpha and delta = s (f* - f): with f frozen at its optimum
+    f* - delta_opt / s, the generator loss's gradient in theta = (mu, sigma) equals the derivative of
+    the maximised objective int ||b||^2 / A dx (finite differences of the quadrature)."""
+    p_star, mu, sigma = gauss(-2.0, 1.0), 0.5, 0.6
+    f_star = field(p_star)
+    theta = torch.tensor([mu, sigma], dtype=torch.float64, requires_grad=True)
+    delta_opt = general_delta_opt(f_star, field(gauss(mu, sigma ** 2)), alpha, beta, gamma)
+    f_fake = lambda x, t: f_star(x, t) - delta_opt(x, t) / s  # noqa: E731
+    x1, t, z = draws(200000, 8)
+    noise = torch.randn(200000, 1, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    per_sample = losses.general_generator_loss(FM, f_star, f_fake, theta[0] + theta[1] * noise, x1,
+                                               alpha, beta, gamma, s, t, z)
+    grads = torch.stack([torch.autograd.grad(per_sample[i::4].mean(), theta, retain_graph=True)[0] for i in range(4)])
+    mc, se = grads.mean(0), grads.std(0) / 2
+
+    def value(m, sd):
+        return general_value(f_star, field(gauss(m, sd ** 2)), alpha, beta, gamma, T0)
+    h = 1e-4
+    exact = torch.tensor([(value(mu + h, sigma) - value(mu - h, sigma)) / (2 * h),
+                          (value(mu, sigma + h) - value(mu, sigma - h)) / (2 * h)], dtype=torch.float64)
     assert torch.all((mc - exact).abs() < 4 * se + 0.02 * exact.abs()), (mc, se, exact)
 
 
@@ -199,10 +232,10 @@ def test_general_loss_optimum_for_gamma_and_delta_scale():
     p_star, p_gen = real_mixture(), gauss(0.5, 0.3)
     f_star, f_gen = field(p_star), field(p_gen)
 
+    delta_opt = general_delta_opt(f_star, f_gen, ALPHA, BETA, gamma)
+
     def f_opt(x, t):
-        p_s, p_g, fs = density(f_star, x, t), density(f_gen, x, t), f_star(x, t)
-        delta = (p_g * (ALPHA * fs - BETA * f_gen(x, t)) + (BETA - ALPHA) * p_s * fs) / (gamma * p_g + (1 - gamma) * p_s)
-        return fs - delta / s
+        return f_star(x, t) - delta_opt(x, t) / s
     x1, t, z = draws(100000, 7)
     x0_gen, x0_real = p_gen.sample(100000).double(), p_star.sample(100000).double()
     for f, optimal in [(f_opt, True), (eq22(f_star, f_gen, ALPHA, BETA), False)]:
@@ -227,13 +260,18 @@ def test_generator_step_changes_only_the_generator():
     assert any(not torch.equal(a, b) for a, b in zip(before[2], after[2]))
 
 
-def test_fake_step_does_not_reach_the_generator():
+@pytest.mark.parametrize("general", [False, True])
+def test_fake_step_does_not_reach_the_generator_or_the_teacher(general):
     f_star, f_fake, gen = mlps(2)
     x0_gen = FM.generate(gen, torch.randn(64, 1, dtype=torch.float64))
     x0_real = real_mixture().sample(64).double()
-    loss = losses.realum_loss(FM, f_fake, x0_gen, x0_real, torch.randn(64, 1, dtype=torch.float64), ALPHA, BETA)
+    x1 = torch.randn(64, 1, dtype=torch.float64)
+    if general:
+        loss = losses.general_fake_loss(FM, f_star, f_fake, x0_gen, x0_real, x1, ALPHA, BETA, 0.5, BETA)
+    else:
+        loss = losses.realum_loss(FM, f_fake, x0_gen, x0_real, x1, ALPHA, BETA)
     loss.mean().backward()
-    assert all(p.grad is None for p in gen.parameters())
+    assert all(p.grad is None for p in list(gen.parameters()) + list(f_star.parameters()))
     assert all(p.grad is not None for p in f_fake.parameters())
 
 

@@ -152,13 +152,36 @@ def test_one_step_generator_from_the_exact_teacher_returns_the_data_mean(name):
     assert torch.allclose(out, mixture().mean().float().expand(50, D), atol=1e-4)
 
 
-def test_bridge_generator_uses_the_observation_and_its_noise():
-    path, joint = setup("bridge")
-    f = paths.ExactField(path, joint)
-    x1 = joint.sample(2)[:, D:]
-    x1 = x1[:1].expand(400, D)  # one observation, many noise draws
-    out = path.generate(f, torch.randn(400, D), x1)
-    assert out.std(0).min() > 0.05  # a conditional distribution, not only its mean
+def one_d(mu, v):
+    return paths.GaussianMixture([[mu]], [[[v]]], [1.0])
+
+
+def test_diffusion_generator_from_the_exact_teacher_is_the_posterior_mean_at_sigma_2_5():
+    """Sec. 3 (SiD): x = s z at t_g, G(z) = E[x0 | x_t = x]; for p0 = N(mu, v) in 1-D that is
+    mu + a v (x - a mu) / (a^2 v + s^2)."""
+    mu, v = 1.5, 0.4
+    path = paths.Diffusion()
+    f = paths.ExactField(path, paths.independent(one_d(mu, v), paths.GaussianMixture.standard(1)))
+    z = torch.linspace(-3, 3, 13, dtype=torch.float64)[:, None]
+    a, s = (float(c) for c in path.alpha_sigma(torch.tensor(path.t_gen, dtype=torch.float64)))
+    expected = mu + a * v * (s * z - a * mu) / (a * a * v + s * s)
+    assert torch.allclose(path.generate(f, z), expected, atol=1e-8)
+
+
+def test_bridge_generator_from_the_exact_teacher_is_the_posterior_mean_given_x1():
+    """Sec. 3: x = x1 + sqrt(eps t_g (1 - t_g)) z, G(z, x1) = E[x0 | x_t = x, x1]. For x0 ~ N(mu, v),
+    x1 = x0 + sigma n in 1-D, condition the Gaussian (x0, x_t, x1) by hand (numpy)."""
+    mu, v, sigma = 1.0, 0.5, 0.8
+    path = paths.Bridge(eps=0.5, t_gen=0.5)
+    f = paths.ExactField(path, paths.corrupted(one_d(mu, v), torch.eye(1), sigma))
+    t, g2 = path.t_gen, path.eps * path.t_gen * (1 - path.t_gen)
+    # x_t = (1 - t) x0 + t x1 + g xi = x0 + t sigma n + g xi
+    cov_oo = np.array([[v + t * t * sigma ** 2 + g2, v + t * sigma ** 2], [v + t * sigma ** 2, v + sigma ** 2]])
+    z = torch.tensor([[-1.0], [0.0], [2.0], [0.5]], dtype=torch.float64)
+    x1 = torch.tensor([[-1.0], [0.3], [0.3], [2.5]], dtype=torch.float64)
+    o = np.stack([(x1 + np.sqrt(g2) * z)[:, 0].numpy(), x1[:, 0].numpy()], 1)
+    expected = mu + (o - mu) @ np.linalg.solve(cov_oo, np.array([v, v]))
+    assert np.allclose(path.generate(f, z, x1)[:, 0].numpy(), expected, atol=1e-8)
 
 
 def h(x, t):
