@@ -33,7 +33,7 @@ p.add_argument("--gamma", type=float, default=None, help="gamma of the general R
                "losses of Eqs. (16)-(17), i.e. gamma = alpha)")
 p.add_argument("--delta-beta", action="store_true", help="with --gamma: parametrise delta = beta (f* - f) instead of f* - f")
 p.add_argument("--teacher", default="trained", choices=["trained", "exact"], help="f*: a network trained with the UM loss, "
-               "Eq. (3), or the closed-form field of the mixture")
+               "Eq. (3), or the closed-form field of the mixture (the generator always starts from the trained network)")
 p.add_argument("--teacher-error", type=float, default=0.0, help="corrupted teacher (App. A.1.4): f* + E (f_wrong - f*), "
                "f_wrong the exact field of the mixture with its mode weights reversed; E = 1 teaches the wrong weights")
 p.add_argument("--modes", type=int, default=5, help="K, modes of p0* (radius 2.5, variance 0.15, weights proportional to K, ..., 1)")
@@ -59,10 +59,12 @@ if args.gamma is not None:
     losses.check_gamma(args.gamma)
 if min(args.nfe, args.teacher_steps, args.steps, args.fake_steps, args.batch, args.n_eval) < 1:
     p.error("--nfe, --teacher-steps, --steps, --fake-steps, --batch and --n-eval must be positive")
+if min(args.bridge_eps, args.bridge_noise, args.modes) <= 0 or args.si_a < 0:
+    p.error("--bridge-eps, --bridge-noise and --modes must be positive and --si-a non-negative")
 torch.manual_seed(args.seed)
 os.makedirs(args.out, exist_ok=True)
 
-# ---- data: p0* an 8-mode mixture with unequal weights; the pairs (x0, x1) of each family
+# ---- data: p0* a K-mode mixture with unequal weights; the pairs (x0, x1) of each family
 angles = torch.arange(args.modes) * 2 * math.pi / args.modes
 MEANS = 2.5 * torch.stack([angles.cos(), angles.sin()], 1)  # (K, 2) on a circle of radius 2.5
 WEIGHTS = torch.arange(args.modes, 0, -1).float() / (args.modes * (args.modes + 1) / 2)  # K, K - 1, ..., 1
@@ -127,6 +129,7 @@ else:
 
 # ---- distillation: K fake steps (Eq. 16), then one generator step (Eq. 17)
 def distil(alpha, beta, real):
+    torch.manual_seed(args.seed + 1)  # both students see the same fake-model init and draws
     G = copy.deepcopy(net).requires_grad_(True)  # Sec. 3: the generator starts from the teacher
     f_fake = copy.deepcopy(net).requires_grad_(True) if args.fake_init == "teacher" else MLP(in_dim, 2, args.hidden, args.depth)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
@@ -142,21 +145,23 @@ def distil(alpha, beta, real):
                 loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta)
             else:
                 loss_f = losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma, scale)
+            if not torch.isfinite(loss_f).all():
+                raise FloatingPointError(f"non-finite fake-model loss at generator step {it}")
             opt_f.zero_grad(set_to_none=True)
             loss_f.mean().backward()
             opt_f.step()
-        x0_real, x1 = pairs(args.batch)
+        _, x1 = pairs(args.batch)  # the bridge's observations of real data; noise / source otherwise
         with losses.frozen(f_fake, net):  # generator step: f and f* are fixed, gradients reach theta via their inputs
             x0_gen = path.generate(G, generator_input(x1), x1)
             if args.gamma is None:
                 loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta)
             else:
                 loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale)
+            if not torch.isfinite(loss_g).all():
+                raise FloatingPointError(f"non-finite generator loss at generator step {it}")
             opt_g.zero_grad(set_to_none=True)
             loss_g.mean().backward()
         opt_g.step()
-        if not (torch.isfinite(loss_f).all() and torch.isfinite(loss_g).all()):
-            raise FloatingPointError(f"non-finite distillation loss at generator step {it}")
         curves["fake"].append(loss_f.mean().item())
         curves["generator"].append(loss_g.mean().item())
     return G.requires_grad_(False), curves
