@@ -80,7 +80,7 @@ def joint_of(p):
     if args.path == "bridge":
         return paths.corrupted(p, torch.eye(2), args.bridge_noise)
     if args.path == "si":
-        return paths.independent(p, paths.GaussianMixture([[-3.0, 0.0], [3.0, 0.0]], 0.3 * torch.eye(2).repeat(2, 1, 1),
+        return paths.independent(p, paths.GaussianMixture([[-1.5, 0.0], [1.5, 0.0]], 0.5 * torch.eye(2).repeat(2, 1, 1),
                                                           [0.5, 0.5]))
     return paths.independent(p, paths.GaussianMixture.standard(2))
 
