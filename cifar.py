@@ -258,6 +258,22 @@ def fid_of(sample, n, args, cond, dev, inception, ref):
     return fid.frechet_distance(*fid.stats(feats), *ref)
 
 
+def begin_run(args, dev, state):
+    """Data RNG and start step (restored with `state`, {checkpoint key: module or optimiser}, on
+    --resume), periodic-FID tools, and the metrics log with the arguments as its first row."""
+    data_gen, start, ckpt_path = torch.Generator().manual_seed(args.seed), 0, os.path.join(args.out, "ckpt.pt")
+    if args.resume:
+        ckpt = load_ckpt(ckpt_path, dev)
+        for key, m in state.items():
+            m.load_state_dict(ckpt[key])
+        set_rng_state(ckpt["rng"], data_gen)
+        start = ckpt["step"]
+    fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
+    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
+    log.write(json.dumps({"args": vars(args), "start": start}) + "\n")
+    return data_gen, start, ckpt_path, fid_tools, log
+
+
 def distill_losses(path, args):
     """The fake-model and generator losses: Eqs. (16)-(17), or the general loss of App. A.2 when
     --gamma is given or --delta beta (delta = beta (f* - f))."""
@@ -280,16 +296,7 @@ def train(args):
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = adam(net, args, dev, betas=(0.9, 0.999))
     f = torch.compile(net) if args.compile else net
-    data_gen, start, ckpt_path = torch.Generator().manual_seed(args.seed), 0, os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = load_ckpt(ckpt_path, dev)
-        for m, key in ((net, "net"), (ema, "ema"), (opt, "opt")):
-            m.load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"], data_gen)
-        start = ckpt["step"]
-    fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
-    log.write(json.dumps({"args": vars(args), "start": start}) + "\n")
+    data_gen, start, ckpt_path, fid_tools, log = begin_run(args, dev, {"net": net, "ema": ema, "opt": opt})
     grid_z = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)  # fixed grid noise
     grid_y = torch.arange(100, device=dev) % NUM_CLASSES if args.cond else None  # column k: class k
     tic = time.time()
@@ -344,16 +351,8 @@ def distill(args):
     g, f, fs = (torch.compile(m) if args.compile else m for m in (G, f_fake, f_star))
     fake_loss, generator_loss = distill_losses(path, args)
     data_free = args.alpha == 1 and args.beta == 1 and args.gamma in (None, 1)  # no real-data term: UID
-    data_gen, start, ckpt_path = torch.Generator().manual_seed(args.seed), 0, os.path.join(args.out, "ckpt.pt")
-    if args.resume:
-        ckpt = load_ckpt(ckpt_path, dev)
-        for m, key in ((G, "G"), (G_ema, "G_ema"), (f_fake, "f_fake"), (opt_G, "opt_G"), (opt_fake, "opt_fake")):
-            m.load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"], data_gen)
-        start = ckpt["step"]
-    fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
-    log = open(os.path.join(args.out, "metrics.jsonl"), "a")
-    log.write(json.dumps({"args": vars(args), "start": start}) + "\n")
+    data_gen, start, ckpt_path, fid_tools, log = begin_run(
+        args, dev, {"G": G, "G_ema": G_ema, "f_fake": f_fake, "opt_G": opt_G, "opt_fake": opt_fake})
     grid_z = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)
     grid_y = torch.arange(100, device=dev) % NUM_CLASSES if cond else None
     tic = time.time()
