@@ -73,13 +73,17 @@ def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, z=None):
     depend on theta and is dropped. Run it inside `frozen(f_star, f_fake)`: neither is trained here."""
     check_alpha_beta(alpha, beta)
     t, z = _draws(path, x0_gen, t, z)
-    out_star, c = _model_and_target(path, f_star, x0_gen, x1, t, z)
-    out_fake = path.field(f_fake, path.draw(x0_gen, x1, t, z), t, x1)
+    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    out_star, out_fake = path.field(f_star, xt, t, x1), path.field(f_fake, xt, t, x1)
     return alpha * (sq(out_star - beta / alpha * c) - sq(out_fake - beta / alpha * c))
 
 
-def _general_part(delta, out_star, c, w_delta, w_star, w_c):
-    """One bracket of App. A.2, Def. 3: -w_delta ||delta||^2 + 2 w_star <delta, f*> - 2 w_c <delta, c>."""
+def _general_part(path, f_star, f_fake, x0, x1, t, z, delta_scale, w_delta, w_star, w_c):
+    """One bracket of App. A.2, Def. 3, at data x0 with delta = delta_scale (f* - f):
+    -w_delta ||delta||^2 + 2 w_star <delta, f*> - 2 w_c <delta, c>."""
+    xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
+    out_star = path.field(f_star, xt, t, x1)
+    delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
     return -w_delta * sq(delta) + 2 * w_star * dot(delta, out_star) - 2 * w_c * dot(delta, c)
 
 
@@ -91,19 +95,14 @@ def general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, ga
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
     t, z = _draws(path, x0_gen, t, z)
-    # The fake step trains f only: cut the gradient to the generator's parameters.
-    x0_gen = x0_gen.detach()
-    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
-    with torch.no_grad():  # the teacher is fixed: no gradient into f_star
-        out_star = path.field(f_star, xt, t, x1)
-    delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
-    objective = _general_part(delta, out_star, c, gamma, alpha, beta)
-    if gamma < 1 or alpha < 1:
-        xt, c = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+    def f_star_fixed(x, s):
         with torch.no_grad():  # the teacher is fixed: no gradient into f_star
-            out_star = path.field(f_star, xt, t, x1)
-        delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
-        objective = objective + _general_part(delta, out_star, c, 1 - gamma, 1 - alpha, 1 - beta)
+            return f_star(x, s)
+    # The fake step trains f only: cut the gradient to the generator's parameters.
+    objective = _general_part(path, f_star_fixed, f_fake, x0_gen.detach(), x1, t, z, delta_scale, gamma, alpha, beta)
+    if gamma < 1 or alpha < 1:
+        objective = objective + _general_part(path, f_star_fixed, f_fake, x0_real, x1, t, z, delta_scale,
+                                              1 - gamma, 1 - alpha, 1 - beta)
     return -objective  # the fake model maximises the objective
 
 
@@ -114,9 +113,7 @@ def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
     t, z = _draws(path, x0_gen, t, z)
-    out_star, c = _model_and_target(path, f_star, x0_gen, x1, t, z)
-    delta = delta_scale * (out_star - path.field(f_fake, path.draw(x0_gen, x1, t, z), t, x1))
-    return _general_part(delta, out_star, c, gamma, alpha, beta)
+    return _general_part(path, f_star, f_fake, x0_gen, x1, t, z, delta_scale, gamma, alpha, beta)
 
 
 @contextmanager
