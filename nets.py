@@ -12,10 +12,12 @@ import torch.nn.functional as F
 
 
 def time_embedding(t, dim, max_period=10000.0):
-    """Sinusoidal embedding of t (B,) in [0, 1] -> (B, dim); t is scaled by 1000 first."""
+    """Sinusoidal embedding of t (B,) in [0, 1] -> (B, dim); t is scaled by 1000 first.
+    Computed in t's dtype (float32 at least), so a float64 network is float64 throughout."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    t = t if t.dtype == torch.float64 else t.float()
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / half)
+    args = 1000.0 * t[:, None] * freqs[None]  # (B, half)
     return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
 
 
@@ -32,7 +34,7 @@ class MLP(nn.Module):
         self.body = nn.Sequential(*layers, nn.Linear(d, out_dim))
 
     def forward(self, x, t):
-        return self.body(torch.cat([x, time_embedding(t, self.t_dim)], dim=1))
+        return self.body(torch.cat([x, time_embedding(t.to(x.dtype), self.t_dim)], dim=1))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ class UNet(nn.Module):
         self.out = nn.Sequential(group_norm(c), nn.SiLU(), zero_init(nn.Conv2d(c, in_ch, 3, padding=1)))
 
     def forward(self, x, t, y=None):
-        emb = self.time_mlp(time_embedding(t, self.ch)).to(x.dtype)  # (B, 4 ch)
+        emb = self.time_mlp(time_embedding(t.to(x.dtype), self.ch)).to(x.dtype)  # (B, 4 ch)
         if (y is None) != (self.label_emb is None):
             raise ValueError("labels y (B,) go with a class-conditional U-Net (num_classes > 0), and only there")
         if y is not None:
