@@ -3,17 +3,20 @@
 | paper        | code          | shape     | meaning                                                        |
 |--------------|---------------|-----------|----------------------------------------------------------------|
 | x0           | x0            | (B, *D)   | data end: real (p0*) or generated (p0^theta)                   |
-| x1           | x1            | (B, *D)   | noise (fm, diffusion), observation of x0 (bridge), source (si) |
+| x1           | x1            | (B, *D)   | noise (fm; diffusion's eps), observation of x0 (bridge), source (si) |
 | t            | t             | (B,)      | float time in [0, 1]; sampling runs from t = 1 to t = 0        |
 | xi, z        | z             | (B, *D)   | the family's own N(0, I) noise (bridge, si); unused otherwise  |
-| x_t          | xt            | (B, *D)   | point on the path                                              |
-| f_t(x_t|x0)  | target(...)   | (B, *D)   | conditional target, affine in x0 (Eq. 3)                       |
+| eps_b        | eps           | float     | the bridge's noise level, App. C.1 (`--bridge-eps`)            |
+| x_t          | xt            | (B, *D)   | point on the path, `draw`                                      |
+| f_t(x_t|x0)  | c = target    | (B, *D)   | conditional target, affine in x0 (Eq. 3), `target`            |
 | f            | f(x, t)       | callable  | matching model: teacher f_star, fake f_fake, or ExactField     |
-| G_theta      | generate(...) | (B, *D)   | one-step generator parametrisation (PAPER.md Sec. 3)           |
+| z            | z             | (B, *D)   | generator latent, N(0, I)                                      |
+| G_theta      | generate(g, z)| (B, *D)   | one-step generator parametrisation, Sec. 3                     |
 
-Every family here is linear in (x0, x1, z): x_t = a x0 + b x1 + g z and c = p x0 + q x1 + r z,
-with scalar coefficients of t given by `coeffs(t)` and `target_coeffs(t)`. Models are always
-called through `path.field(f, xt, t, x1)`: the bridge model also sees x1, concatenated on dim 1.
+Each family writes x_t (`draw`) and c (`target`) as one formula line with its equation number;
+both are linear in (x0, x1, z) with scalar coefficients of t, which is all `ExactField` assumes.
+Models are always called through `path.field(f, xt, t, x1)`: the bridge model also sees x1,
+concatenated on dim 1.
 """
 import math
 
@@ -25,25 +28,21 @@ def bcast(t, x):
     return t.reshape(-1, *([1] * (x.dim() - 1)))
 
 
-def _lin(coefs, x0, x1, z):
-    a, b, g = (bcast(c, x0) for c in coefs)
-    return a * x0 + b * x1 + g * z
-
-
 class Path:
-    """Shared interface; the default sampler is Euler on a velocity field (fm, si)."""
+    """Shared interface: draw x_t, its target c, the time sampler, a sampler, the generator.
+    The default sampler and generator are Euler on a velocity field (fm, si)."""
     observes_x1 = False  # True for the bridge: the model input is (x_t, x1)
+
+    def draw(self, x0, x1, t, z):
+        """x_t given the data end x0, the other end x1 and the family's noise z, (B, *D)."""
+        raise NotImplementedError
+
+    def target(self, x0, x1, t, z):
+        """The conditional target c = f_t(x_t | x0, x1, z), (B, *D)."""
+        raise NotImplementedError
 
     def sample_t(self, n, device=None):
         return torch.rand(n, device=device)
-
-    def draw(self, x0, x1, t, z):
-        """x_t given the data end x0, the other end x1 and the family's noise z."""
-        return _lin(self.coeffs(t), x0, x1, z)
-
-    def target(self, x0, x1, t, z):
-        """The conditional target c = f_t(x_t | x0, x1, z)."""
-        return _lin(self.target_coeffs(t), x0, x1, z)
 
     def field(self, f, xt, t, x1):
         return f(xt, t)
@@ -58,23 +57,24 @@ class Path:
         return x
 
     def generate(self, g, z, x1=None):
-        """G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si)."""
+        """G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si), Sec. 3."""
         return z - self.field(g, z, torch.ones(len(z), device=z.device), x1)
 
 
 class FlowMatching(Path):
-    """Rectified flow / I-CFM: x_t = (1 - t) x0 + t x1, x1 ~ N(0, I), c = x1 - x0."""
+    """Rectified flow / I-CFM, Eq. (2): x1 ~ N(0, I), velocity target."""
     name = "fm"
 
-    def coeffs(self, t):
-        return 1 - t, t, torch.zeros_like(t)
+    def draw(self, x0, x1, t, z):
+        t = bcast(t, x0)
+        return (1 - t) * x0 + t * x1  # Eq. (2): x_t = (1 - t) x0 + t x1
 
-    def target_coeffs(self, t):
-        return -torch.ones_like(t), torch.ones_like(t), torch.zeros_like(t)
+    def target(self, x0, x1, t, z):
+        return x1 - x0  # Eq. (2): c = x1 - x0
 
 
 class Diffusion(Path):
-    """VP diffusion with noise prediction: x_t = a_t x0 + s_t x1, x1 = eps ~ N(0, I), c = eps."""
+    """VP diffusion with noise prediction, Eq. (1): x1 = eps ~ N(0, I) is the noise, c = x1."""
     name = "diffusion"
 
     def __init__(self, beta_min=0.1, beta_max=20.0, t_min=1e-3, sigma_gen=2.5):
@@ -89,30 +89,30 @@ class Diffusion(Path):
         a = torch.exp(-0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2))
         return a, torch.sqrt(1 - a ** 2)
 
+    def draw(self, x0, x1, t, z):
+        a, s = (bcast(v, x0) for v in self.alpha_sigma(t))
+        return a * x0 + s * x1  # Eq. (1): x_t = a_t x0 + s_t eps, eps = x1
+
+    def target(self, x0, x1, t, z):
+        return x1  # Eq. (1): c = eps = (x_t - a_t x0) / s_t (DSM with weight s_t^2)
+
     def sample_t(self, n, device=None):
         return self.t_min + (1 - self.t_min) * torch.rand(n, device=device)
 
-    def coeffs(self, t):
-        a, s = self.alpha_sigma(t)
-        return a, s, torch.zeros_like(t)
-
-    def target_coeffs(self, t):
-        return torch.zeros_like(t), torch.ones_like(t), torch.zeros_like(t)
-
     @torch.no_grad()
     def sample(self, f, x1, steps):
-        """Deterministic DDIM: x0_hat = (x - s eps_hat) / a, x' = a' x0_hat + s' eps_hat."""
+        """Deterministic DDIM: x0_hat = (x - s x1_hat) / a, x' = a' x0_hat + s' x1_hat (x1_hat: the noise)."""
         ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
         x = x1
         for i in range(steps):
             a, s = self.alpha_sigma(ts[i])
             a_next, s_next = self.alpha_sigma(ts[i + 1])
-            eps = self.field(f, x, ts[i].expand(len(x)), x1)
-            x = a_next * (x - s * eps) / a + s_next * eps
+            x1_hat = self.field(f, x, ts[i].expand(len(x)), x1)
+            x = a_next * (x - s * x1_hat) / a + s_next * x1_hat
         return x
 
     def generate(self, g, z, x1=None):
-        """SiD: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
+        """SiD, Sec. 3: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
         t = torch.full((len(z),), self.t_gen, device=z.device)
         a, s = self.alpha_sigma(t[0])
         x = s * z
@@ -120,21 +120,20 @@ class Diffusion(Path):
 
 
 class Bridge(Path):
-    """Brownian bridge with x0-prediction: x_t = (1 - t) x0 + t x1 + sqrt(eps t (1 - t)) z, c = x0.
-
-    (x0, x1) are paired (x1 a corrupted observation of x0); the model sees (x_t, x1).
-    """
+    """Brownian bridge with x0-prediction, Eq. (41), App. C.1: (x0, x1) paired (x1 a corrupted
+    observation of x0), noise level eps (the paper's eps_b); the model sees (x_t, x1)."""
     name = "bridge"
     observes_x1 = True
 
     def __init__(self, eps=0.5, t_gen=0.5):
         self.eps, self.t_gen = eps, t_gen
 
-    def coeffs(self, t):
-        return 1 - t, t, torch.sqrt(self.eps * t * (1 - t))
+    def draw(self, x0, x1, t, z):
+        t = bcast(t, x0)
+        return (1 - t) * x0 + t * x1 + torch.sqrt(self.eps * t * (1 - t)) * z  # Eq. (41): + sqrt(eps_b t (1 - t)) xi
 
-    def target_coeffs(self, t):
-        return torch.ones_like(t), torch.zeros_like(t), torch.zeros_like(t)
+    def target(self, x0, x1, t, z):
+        return x0  # Eq. (41): c = x0 (x0-prediction)
 
     def field(self, f, xt, t, x1):
         return f(torch.cat([xt, x1], dim=1), t)
@@ -153,25 +152,27 @@ class Bridge(Path):
         return x
 
     def generate(self, g, z, x1=None):
-        """G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
+        """Sec. 3: G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
         t = torch.full((len(z),), self.t_gen, device=z.device)
         x = x1 + math.sqrt(self.eps * self.t_gen * (1 - self.t_gen)) * z
         return self.field(g, x, t, x1)
 
 
 class Interpolant(Path):
-    """Stochastic interpolant: x_t = (1 - t) x0 + t x1 + gamma(t) z, gamma(t) = a t (1 - t),
-    x1 from a source independent of x0, c = x1 - x0 + gamma'(t) z (the interpolant's velocity)."""
+    """Stochastic interpolant, Eq. (42), App. C.2: x1 from a source independent of x0,
+    gamma(t) = a t (1 - t), velocity target."""
     name = "si"
 
     def __init__(self, a=1.0):
         self.a = a
 
-    def coeffs(self, t):
-        return 1 - t, t, self.a * t * (1 - t)
+    def draw(self, x0, x1, t, z):
+        t = bcast(t, x0)
+        return (1 - t) * x0 + t * x1 + self.a * t * (1 - t) * z  # Eq. (42): + gamma(t) z
 
-    def target_coeffs(self, t):
-        return -torch.ones_like(t), torch.ones_like(t), self.a * (1 - 2 * t)
+    def target(self, x0, x1, t, z):
+        t = bcast(t, x0)
+        return x1 - x0 + self.a * (1 - 2 * t) * z  # Eq. (42): c = x1 - x0 + gamma'(t) z
 
 
 PATHS = {"fm": FlowMatching, "diffusion": Diffusion, "bridge": Bridge, "si": Interpolant}
@@ -240,12 +241,19 @@ def corrupted(p0, H, sigma):
     return GaussianMixture(torch.cat([m, m @ H.T], 1), covs, p0.weights)
 
 
+def unit_coefficients(fn, t):
+    """(B, 3) coefficients of x0, x1, z in fn(x0, x1, t, z) (a path's `draw` or `target`), read off by
+    evaluating fn at unit inputs in 1-D: the families are linear in (x0, x1, z) with scalar coefficients."""
+    one, zero = torch.ones(len(t), 1, dtype=torch.float64), torch.zeros(len(t), 1, dtype=torch.float64)
+    return torch.cat([fn(one, zero, t, zero), fn(zero, one, t, zero), fn(zero, zero, t, one)], 1)
+
+
 class ExactField:
     """The exact teacher f*(x, t) = E[c | x] for (x0, x1) ~ joint, a GaussianMixture over (x0, x1).
 
     x is the model input: x_t, or (x_t, x1) concatenated for the bridge. Per component, (x0, x1, z)
-    is Gaussian and x and c are linear in it, so E[c | x] is a posterior-weighted sum of Gaussian
-    conditional means.
+    is Gaussian and x and c are linear in it (coefficients from the path's own `draw` and `target`),
+    so E[c | x] is a posterior-weighted sum of Gaussian conditional means.
     """
 
     def __init__(self, path, joint):
@@ -256,13 +264,12 @@ class ExactField:
         d, I = self.d, torch.eye(self.d, dtype=torch.float64)
 
         def rows(coefs):  # (B, 3) -> (B, d, 3d): [c_0 I, c_1 I, c_2 I]
-            coefs = torch.stack([torch.as_tensor(c, dtype=torch.float64).expand(len(t)) for c in coefs], 1)
             return (coefs[:, None, :, None] * I[None, :, None, :]).reshape(len(t), d, 3 * d)
 
         t = t.double()
-        M, C = rows(self.path.coeffs(t)), rows(self.path.target_coeffs(t))
+        M, C = rows(unit_coefficients(self.path.draw, t)), rows(unit_coefficients(self.path.target, t))
         if self.path.observes_x1:  # the bridge model also sees x1 = [0, I, 0] (x0, x1, z)
-            M = torch.cat([M, rows((0 * t, 1 + 0 * t, 0 * t))], 1)
+            M = torch.cat([M, rows(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand(len(t), 3))], 1)
         K = len(self.joint.weights)
         mu = torch.cat([self.joint.means, torch.zeros(K, d, dtype=torch.float64)], 1)  # (K, 3d)
         cov = torch.zeros(K, 3 * d, 3 * d, dtype=torch.float64)

@@ -1,4 +1,8 @@
-"""Properties of the four paths, their samplers and the exact Gaussian-mixture teachers."""
+"""Graders of paths.py, named `test_<function>_<property>` with the family and its equation in the
+parameter id (`fm_eq2`, `diffusion_eq1`, `bridge_eq41`, `si_eq42`): `pytest -k bridge` selects the
+bridge's, `-k "draw or target"` every family's x_t and c. References are oracles: endpoints, d x_t / dt
+by torch.func.jvp, quadrature, a Monte Carlo Brownian motion, Gaussian conditioning by hand (numpy),
+the paper's 1-D flow-matching formula, scipy; the exact mixture field is checked before it serves."""
 import math
 
 import numpy as np
@@ -32,7 +36,11 @@ def setup(name):
     return path, paths.independent(p0, paths.GaussianMixture.standard(D))
 
 
-FAMILIES = ["fm", "diffusion", "bridge", "si"]
+EQ = {"fm": "fm_eq2", "diffusion": "diffusion_eq1", "bridge": "bridge_eq41", "si": "si_eq42"}
+
+
+def families(*names):
+    return [pytest.param(n, id=EQ[n]) for n in (names or EQ)]
 
 
 def draws(n=5, dtype=torch.float64, seed=0):
@@ -40,21 +48,21 @@ def draws(n=5, dtype=torch.float64, seed=0):
     return [torch.randn(n, D, generator=g, dtype=dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_path_starts_at_data_x0(name):
+@pytest.mark.parametrize("name", families())
+def test_draw_starts_at_data_x0(name):
     path, _ = setup(name)
     x0, x1, z = draws()
     assert torch.allclose(path.draw(x0, x1, torch.zeros(5, dtype=torch.float64), z), x0)
 
 
-@pytest.mark.parametrize("name", ["fm", "bridge", "si"])
-def test_path_ends_at_x1(name):
+@pytest.mark.parametrize("name", families("fm", "bridge", "si"))
+def test_draw_ends_at_x1(name):
     path, _ = setup(name)
     x0, x1, z = draws()
     assert torch.allclose(path.draw(x0, x1, torch.ones(5, dtype=torch.float64), z), x1)
 
 
-def test_vp_schedule_matches_integrated_beta():
+def test_alpha_sigma_diffusion_eq1_is_the_integrated_vp_schedule():
     """a_t = exp(-1/2 int_0^t beta(s) ds) by quadrature, s_t^2 = 1 - a_t^2, a_1 nearly 0."""
     path = paths.Diffusion()
     for t in [0.0, 0.1, 0.44, 0.9, 1.0]:
@@ -65,8 +73,8 @@ def test_vp_schedule_matches_integrated_beta():
     assert float(path.alpha_sigma(torch.tensor(1.0))[0]) < 0.01
 
 
-@pytest.mark.parametrize("name", ["fm", "si"])
-def test_velocity_target_is_time_derivative_of_xt(name):
+@pytest.mark.parametrize("name", families("fm", "si"))
+def test_target_is_the_time_derivative_of_draw(name):
     path, _ = setup(name)
     x0, x1, z = draws()
     t = torch.rand(5, dtype=torch.float64)
@@ -74,40 +82,54 @@ def test_velocity_target_is_time_derivative_of_xt(name):
     assert torch.allclose(dxt_dt, path.target(x0, x1, t, z), atol=1e-12)
 
 
-def test_diffusion_target_reproduces_the_noise():
+def test_target_diffusion_eq1_is_the_noise_that_draw_added():
+    """Eq. (1): c = eps = x1, and x_t = a_t x0 + s_t eps, so (x_t - a_t x0) / s_t = c."""
     path = paths.Diffusion()
     x0, eps, z = draws()
     t = path.sample_t(5).double()
     a, s = path.alpha_sigma(t)
-    xt = path.draw(x0, eps, t, z)
     c = path.target(x0, eps, t, z)
     assert torch.allclose(c, eps)
-    assert torch.allclose(c, (xt - a[:, None] * x0) / s[:, None])
+    assert torch.allclose(c, (path.draw(x0, eps, t, z) - a[:, None] * x0) / s[:, None])
 
 
-def test_bridge_target_is_x0_and_noise_vanishes_at_the_ends():
-    path = paths.Bridge(eps=0.5)
+def test_target_bridge_eq41_is_x0():
     x0, x1, z = draws()
-    t = torch.rand(5, dtype=torch.float64)
-    assert torch.equal(path.target(x0, x1, t, z), x0)
-    ends = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    assert torch.all(path.coeffs(ends)[2] == 0)
+    assert torch.equal(paths.Bridge(eps=0.5).target(x0, x1, torch.rand(5, dtype=torch.float64), z), x0)
 
 
-def test_diffusion_generator_noise_level_is_sid_2_5():
+def test_draw_bridge_eq41_follows_the_brownian_bridge_law():
+    """Eq. (41): given (x0, x1), x_t is a Brownian bridge of variance rate eps_b from x0 to x1.
+    Oracle: Monte Carlo of a Brownian motion W from x0 (increments N(0, eps_b dt) on a grid of 50),
+    pinned by X_t = W_t - t (W_1 - x1); draw's mean and variance match it at t = 0.2, 0.5, 0.9."""
+    eps, n, steps = 0.3, 20000, 50
+    path, g = paths.Bridge(eps=eps), torch.Generator().manual_seed(0)
+    x0, x1 = torch.full((n, 1), -1.0, dtype=torch.float64), torch.full((n, 1), 2.0, dtype=torch.float64)
+    dW = math.sqrt(eps / steps) * torch.randn(n, steps, generator=g, dtype=torch.float64)
+    W = torch.cat([x0, x0 + dW.cumsum(1)], 1)  # (n, steps + 1) on the grid k / steps
+    for k in [10, 25, 45]:
+        t = k / steps
+        bridge = W[:, k] - t * (W[:, -1] - x1[:, 0])
+        xt = path.draw(x0, x1, torch.full((n,), t, dtype=torch.float64),
+                       torch.randn(n, 1, generator=g, dtype=torch.float64))[:, 0]
+        assert abs(float(xt.mean() - bridge.mean())) < 4 * math.sqrt(2 * float(bridge.var()) / n), t
+        assert float(xt.var() / bridge.var()) == pytest.approx(1.0, abs=0.06), t
+
+
+def test_generate_diffusion_eq1_noise_level_is_sid_2_5():
     path = paths.Diffusion()
     a, s = path.alpha_sigma(torch.tensor(path.t_gen, dtype=torch.float64))
     assert float(s / a) == pytest.approx(2.5, rel=1e-9)
 
 
-def test_times_are_in_range():
+def test_sample_t_stays_in_range():
     t = paths.Diffusion(t_min=1e-3).sample_t(10000)
     assert t.min() >= 1e-3 and t.max() <= 1
     t = paths.FlowMatching().sample_t(10000)
     assert t.min() >= 0 and t.max() <= 1 and abs(float(t.mean()) - 0.5) < 0.02
 
 
-def test_exact_fm_field_matches_the_papers_1d_gaussian_formula():
+def test_exact_field_fm_eq2_matches_the_papers_1d_gaussian_formula():
     """PAPER.md Sec. 2: for p0 = N(mu, 1), u_t(x) = -mu + (2t - 1)(x - (1 - t) mu) / ((1 - t)^2 + t^2)."""
     mu = -2.0
     p0 = paths.GaussianMixture([[mu]], [[[1.0]]], [1.0])
@@ -128,8 +150,8 @@ def errors(p0, x0_true, x):
             float((mode_weights(p0, x) - p0.weights).abs().max()))
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_sampler_with_exact_field_reproduces_the_mixture(name):
+@pytest.mark.parametrize("name", families())
+def test_sample_with_the_exact_field_reproduces_the_mixture(name):
     """Mean within 0.1, covariance within 0.25 (Frobenius), per-mode weights within 0.03 at 100
     steps (4000 samples), and 100 steps at least as good as 8 steps."""
     torch.manual_seed(0)
@@ -143,8 +165,8 @@ def test_sampler_with_exact_field_reproduces_the_mixture(name):
     assert fine[0] + fine[1] <= coarse[0] + coarse[1] + 0.02, (coarse, fine)
 
 
-@pytest.mark.parametrize("name", ["fm", "si"])
-def test_one_step_generator_from_the_exact_teacher_returns_the_data_mean(name):
+@pytest.mark.parametrize("name", families("fm", "si"))
+def test_generate_one_euler_step_from_the_exact_teacher_returns_the_data_mean(name):
     """Sec. 3: G(x1) = x1 - f*(x1, 1) = E[x0], since x_1 = x1 carries no information on x0."""
     path, joint = setup(name)
     z = joint.sample(50)[:, D:]  # z ~ p1
@@ -156,7 +178,7 @@ def one_d(mu, v):
     return paths.GaussianMixture([[mu]], [[[v]]], [1.0])
 
 
-def test_diffusion_generator_from_the_exact_teacher_is_the_posterior_mean_at_sigma_2_5():
+def test_generate_diffusion_eq1_from_the_exact_teacher_is_the_posterior_mean_at_sigma_2_5():
     """Sec. 3 (SiD): x = s z at t_g, G(z) = E[x0 | x_t = x]; for p0 = N(mu, v) in 1-D that is
     mu + a v (x - a mu) / (a^2 v + s^2)."""
     mu, v = 1.5, 0.4
@@ -168,7 +190,7 @@ def test_diffusion_generator_from_the_exact_teacher_is_the_posterior_mean_at_sig
     assert torch.allclose(path.generate(f, z), expected, atol=1e-8)
 
 
-def test_bridge_generator_from_the_exact_teacher_is_the_posterior_mean_given_x1():
+def test_generate_bridge_eq41_from_the_exact_teacher_is_the_posterior_mean_given_x1():
     """Sec. 3: x = x1 + sqrt(eps t_g (1 - t_g)) z, G(z, x1) = E[x0 | x_t = x, x1]. For x0 ~ N(mu, v),
     x1 = x0 + sigma n in 1-D, condition the Gaussian (x0, x_t, x1) by hand (numpy)."""
     mu, v, sigma = 1.0, 0.5, 0.8
@@ -189,21 +211,24 @@ def h(x, t):
     return torch.sin(x[:, :D]) * (1 + t[:, None]) + 0.5
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_exact_field_minimises_the_um_loss(name):
-    """Eq. (3): L_UM(f* + e h) - L_UM(f*) = 2 e B + e^2 C with B = 0 at the minimiser; with common
-    random numbers, perturbing by e = +-0.2 raises the Monte Carlo loss."""
-    from losses import um_loss
+@pytest.mark.parametrize("name", families())
+def test_exact_field_is_the_conditional_mean_of_the_target(name):
+    """E[||f(x) - c||^2] (Eq. 3, written here) is smallest at f = E[c | x]: with common random numbers,
+    perturbing the exact field by e = +-0.2 h raises the Monte Carlo error."""
     torch.manual_seed(1)
     path, joint = setup(name)
     f_star = paths.ExactField(path, joint)
     xx = joint.sample(20000).double()
     x0, x1 = xx[:, :D], xx[:, D:]
     t, z = path.sample_t(len(x0)).double(), torch.randn_like(x0)
-    base = um_loss(path, f_star, x0, x1, t, z).mean()
+    xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
+    x = torch.cat([xt, x1], 1) if path.observes_x1 else xt
+
+    def error(f):
+        return float((f(x, t) - c).pow(2).sum(1).mean())
+    base = error(f_star)
     for e in [0.2, -0.2]:
-        perturbed = um_loss(path, lambda x, s: f_star(x, s) + e * h(x, s), x0, x1, t, z).mean()
-        assert perturbed > base, (e, float(perturbed), float(base))
+        assert error(lambda x, s: f_star(x, s) + e * h(x, s)) > base, e
 
 
 def test_gaussian_mixture_rejects_bad_parameters():
@@ -213,7 +238,7 @@ def test_gaussian_mixture_rejects_bad_parameters():
         paths.GaussianMixture([0.0, 1.0], torch.ones(2, 1, 1), [0.5, 0.5])
 
 
-def test_mixture_log_prob_matches_scipy():
+def test_gaussian_mixture_log_prob_matches_scipy():
     from scipy.stats import multivariate_normal
     p0 = mixture()
     x = torch.randn(7, D, dtype=torch.float64)
@@ -222,7 +247,7 @@ def test_mixture_log_prob_matches_scipy():
     assert np.allclose(p0.log_prob(x).numpy(), ref, atol=1e-10)
 
 
-def test_exact_field_marginal_density_integrates_to_one():
+def test_exact_field_log_marginal_integrates_to_one():
     """log_marginal is a density of x_t: its integral over a wide grid is 1 (fm, t = 0.3)."""
     path, joint = setup("fm")
     g = torch.linspace(-8, 8, 401, dtype=torch.float64)
