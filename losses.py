@@ -1,8 +1,14 @@
 """Losses of RealUID, generic over the path (paths.py). Paper convention: data x0 at t = 0.
 
-Every loss returns per-sample values of shape (B,), summed over the data dimensions; callers take
-the mean. t and the path noise z are drawn here unless given; the generated and the real terms of
-one loss share t, x1 and z, as in the paper. Models are callables f(x, t) (see paths.py).
+Every loss has one shape: draw t and z (unless given), build x_t and c with the path (`draw`,
+`target`), call the models, and return one formula (its `# Eq. (n)` line) as per-sample values of
+shape (B,), summed over the data dimensions; callers take the mean. The generated and the real
+terms of one loss share t, x1 and z, as in the paper. Models are callables f(x, t) (see paths.py).
+
+Two kinds of gradient cut, one mechanism each, both applied here next to their equation:
+- a generated sample is plain data for the fake step (no gradient to theta): `x0_gen.detach()`;
+- a network is fixed in a step (f* always, f in the generator step): `fixed(f)`, which keeps the
+  gradient through the network's input and gives its weights none.
 """
 from contextlib import contextmanager
 
@@ -39,87 +45,114 @@ def _draws(path, x0, t, z):
     return t, torch.randn_like(x0) if z is None else z
 
 
-def _model_and_target(path, f, x0, x1, t, z):
-    """f(x_t) and the conditional target c, both built from x0 (gradients flow through both)."""
-    xt = path.draw(x0, x1, t, z)
-    return path.field(f, xt, t, x1), path.target(x0, x1, t, z)
+def _check_real(x0_real):
+    if x0_real is None:
+        raise ValueError("x0_real is required unless alpha = beta = gamma = 1 (data-free UID, Eq. 13)")
+
+
+class _InputGradOnly(torch.autograd.Function):
+    """y = f(x, t) whose backward returns dy/dx only: f's weights get no gradient (and no .grad).
+    One backward per forward, like the rest of a training step (the inner graph is then freed)."""
+
+    @staticmethod
+    def forward(ctx, x, t, f):
+        with torch.set_grad_enabled(ctx.needs_input_grad[0]):
+            ctx.x = x.detach().requires_grad_(ctx.needs_input_grad[0])
+            ctx.y = f(ctx.x, t)
+        return ctx.y.detach()
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        if ctx.y is None:
+            raise RuntimeError("losses.fixed: second backward through a loss; evaluate the loss again")
+        x, y, ctx.x, ctx.y = ctx.x, ctx.y, None, None
+        grad_x = torch.autograd.grad(y, x, grad_y, allow_unused=True)[0] if y.requires_grad else None
+        return (torch.zeros_like(x) if grad_x is None else grad_x), None, None
+
+
+def fixed(f):
+    """The model f held fixed: the same values, with gradients through its input x only; works for
+    any callable (an nn.Module, a wrapper around one, an ExactField)."""
+    return lambda x, t: _InputGradOnly.apply(x, t, f)
 
 
 def um_loss(path, f, x0, x1, t=None, z=None):
-    """Teacher loss, Eq. (3): ||f(x_t) - f_t(x_t | x0)||^2, (B,)."""
+    """Teacher loss, Eq. (3): ||f(x_t) - c||^2, (B,)."""
     t, z = _draws(path, x0, t, z)
-    out, c = _model_and_target(path, f, x0, x1, t, z)
-    return sq(out - c)
+    xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
+    return sq(path.field(f, xt, t, x1) - c)  # Eq. (3)
 
 
 def realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta, t=None, z=None):
-    """Fake-model step, Eq. (16):
-    alpha ||f(x_t^theta) - (beta/alpha) c^theta||^2 + (1 - alpha) ||f(x_t*) - ((1-beta)/(1-alpha)) c*||^2.
-    x0_real may be None when alpha = beta = 1 (data-free UID, Eq. 13)."""
+    """Fake-model step, Eq. (16), (B,). x0_real may be None when alpha = beta = 1 (data-free UID, Eq. 13)."""
     check_alpha_beta(alpha, beta)
     t, z = _draws(path, x0_gen, t, z)
-    # The fake step trains f only: cut the gradient to the generator's parameters.
-    out, c = _model_and_target(path, f_fake, x0_gen.detach(), x1, t, z)
-    loss = alpha * sq(out - beta / alpha * c)
+    x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
+    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    loss = alpha * sq(path.field(f_fake, xt, t, x1) - beta / alpha * c)  # Eq. (16), generated term
     if alpha < 1:
-        out_real, c_real = _model_and_target(path, f_fake, x0_real, x1, t, z)
-        loss = loss + (1 - alpha) * sq(out_real - (1 - beta) / (1 - alpha) * c_real)
+        _check_real(x0_real)
+        xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+        loss = loss + (1 - alpha) * sq(path.field(f_fake, xt_r, t, x1) - (1 - beta) / (1 - alpha) * c_r)  # real term
     return loss
 
 
 def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, z=None):
-    """Generator step of Eq. (17): alpha ||f*(x_t) - (beta/alpha) c||^2 - alpha ||f(x_t) - (beta/alpha) c||^2
-    at generated x0. The gradient reaches theta through x_t and c; the real term of Eq. (16) does not
-    depend on theta and is dropped. Run it inside `frozen(f_star, f_fake)`: neither is trained here."""
+    """Generator step of Eq. (17) at generated x0, (B,). The gradient reaches theta through x_t and c;
+    the real term of Eq. (16) does not depend on theta and is dropped."""
     check_alpha_beta(alpha, beta)
     t, z = _draws(path, x0_gen, t, z)
     xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
-    out_star, out_fake = path.field(f_star, xt, t, x1), path.field(f_fake, xt, t, x1)
-    return alpha * (sq(out_star - beta / alpha * c) - sq(out_fake - beta / alpha * c))
+    # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
+    out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    return alpha * (sq(out_star - beta / alpha * c) - sq(out_fake - beta / alpha * c))  # Eq. (17)
 
 
-def _general_part(path, f_star, f_fake, x0, x1, t, z, delta_scale, w_delta, w_star, w_c):
-    """One bracket of App. A.2, Def. 3, at data x0 with delta = delta_scale (f* - f):
-    -w_delta ||delta||^2 + 2 w_star <delta, f*> - 2 w_c <delta, c>."""
-    xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
-    out_star = path.field(f_star, xt, t, x1)
-    delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
+def bracket(delta, out_star, c, w_delta, w_star, w_c):
+    """One bracket of App. A.2 Def. 3: -w_delta ||delta||^2 + 2 w_star <delta, f*> - 2 w_c <delta, c>, (B,)."""
     return -w_delta * sq(delta) + 2 * w_star * dot(delta, out_star) - 2 * w_c * dot(delta, c)
 
 
 def general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma,
                       delta_scale=1.0, t=None, z=None):
-    """Fake step of the general RealUID loss (App. A.2) with delta = delta_scale (f* - f):
-    minus [gen part (gamma, alpha, beta) + real part (1 - gamma, 1 - alpha, 1 - beta)].
+    """Fake step of the general RealUID loss (App. A.2 Def. 3) with delta = delta_scale (f* - f), (B,):
+    minus [gen bracket (gamma, alpha, beta) + real bracket (1 - gamma, 1 - alpha, 1 - beta)].
     delta_scale = beta gives the delta = beta (f* - f) parametrisation."""
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
     t, z = _draws(path, x0_gen, t, z)
-    def f_star_fixed(x, s):
-        with torch.no_grad():  # the teacher is fixed: no gradient into f_star
-            return f_star(x, s)
-    # The fake step trains f only: cut the gradient to the generator's parameters.
-    objective = _general_part(path, f_star_fixed, f_fake, x0_gen.detach(), x1, t, z, delta_scale, gamma, alpha, beta)
+    x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
+    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    out_star = path.field(fixed(f_star), xt, t, x1)  # cut: the teacher is fixed
+    delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
+    objective = bracket(delta, out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3, generated bracket
     if gamma < 1 or alpha < 1:
-        objective = objective + _general_part(path, f_star_fixed, f_fake, x0_real, x1, t, z, delta_scale,
-                                              1 - gamma, 1 - alpha, 1 - beta)
+        _check_real(x0_real)
+        xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+        out_star_r = path.field(fixed(f_star), xt_r, t, x1)  # cut: the teacher is fixed
+        delta_r = delta_scale * (out_star_r - path.field(f_fake, xt_r, t, x1))
+        objective = objective + bracket(delta_r, out_star_r, c_r, 1 - gamma, 1 - alpha, 1 - beta)  # real bracket
     return -objective  # the fake model maximises the objective
 
 
 def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
                            delta_scale=1.0, t=None, z=None):
-    """Generator step of the general RealUID loss (App. A.2): the generated part only, with the
-    gradient through x_t^theta (inputs of f* and f) and c^theta. Run it inside `frozen(f_star, f_fake)`."""
+    """Generator step of the general RealUID loss (App. A.2 Def. 3): the generated bracket only, (B,),
+    with the gradient through x_t^theta (inputs of f* and f) and c^theta."""
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
     t, z = _draws(path, x0_gen, t, z)
-    return _general_part(path, f_star, f_fake, x0_gen, x1, t, z, delta_scale, gamma, alpha, beta)
+    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
+    out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    return bracket(delta_scale * (out_star - out_fake), out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3
 
 
 @contextmanager
 def frozen(*modules):
-    """Switch off requires_grad of the modules' parameters for the block (the generator step
-    must move only theta: gradients still flow through these networks' inputs)."""
+    """Switch off requires_grad of the modules' parameters for the block, then restore each flag.
+    The generator losses no longer need it (they use `fixed`); kept so that older callers work,
+    and harmless when nested."""
     params = [p for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
