@@ -12,10 +12,14 @@ the TensorFlow protocol (clean-fid's "legacy_tensorflow" mode), so the numbers m
   python fid.py stats SRC --out stats.npz   # SRC: a folder of PNGs or an .npz of uint8 images
   python fid.py fid SRC1 SRC2               # either SRC may also be a stats .npz (mu, sigma)
   python fid.py bench                       # feature-extraction throughput, images/s
+
+The command line checks every argument and output path before the network runs; an expected failure
+is one line on stderr and exit status 1.
 """
 import argparse
 import hashlib
 import os
+import sys
 import time
 import urllib.request
 import warnings
@@ -183,12 +187,15 @@ class InceptionV3(nn.Module):
 
 # ----------------------------------------------------------------------------- weights
 def atomic_write(path, write):
-    """write(f) into a temporary file, then os.replace: a crash never leaves a half-written file at path."""
+    """write(f) into a temporary file, then os.replace: path holds the old file or the whole new one, never a
+    part; a failed write (a full disk) removes the temporary file and says why."""
     tmp = f"{path}.{os.getpid()}.tmp"
     try:
         with open(tmp, "wb") as f:
             write(f)
         os.replace(tmp, path)
+    except OSError as e:
+        raise OSError(f"could not write {path}: {e.strerror or e}; the partial file was removed") from e
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -218,10 +225,22 @@ def download_weights(cache_dir=None):
 def load_inception(weights=None, device="cpu", cache_dir=None):
     """The FID InceptionV3 in eval mode on device, from a weight file (None: download pytorch-fid's)."""
     path = download_weights(cache_dir) if weights is None else weights
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    state.pop("fc.weight", None)  # the 1008-way ImageNet classifier: FID uses the pool3 features before it
-    state.pop("fc.bias", None)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a missing or text file, a truncated download, a pickle of more than tensors
+        why = (str(e).splitlines() or [""])[0]
+        raise ValueError(f"could not load {path} as a PyTorch weight file ({type(e).__name__}: {why})") from e
+    # drop the 1008-way ImageNet classifier fc: FID uses the pool3 features before it
+    state = {k: v for k, v in state.items() if not k.startswith("fc.")} if isinstance(state, dict) else {}
     model = InceptionV3()
+    ours = model.state_dict()  # num_batches_tracked may be missing: old files lack it, eval mode ignores it
+    missing = [k for k in ours if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in ours]
+    misshapen = [k for k in state if k in ours and getattr(state[k], "shape", None) != ours[k].shape]
+    if missing or unexpected or misshapen:
+        shapes = f", {len(misshapen)} of the wrong shape" if misshapen else ""
+        raise ValueError(f"{path}: not pytorch-fid's FID InceptionV3 weights: {len(missing)} missing, "
+                         f"{len(unexpected)} unexpected keys{shapes} (first: {(missing + unexpected + misshapen)[0]})")
     model.load_state_dict(state, strict=True)
     return model.eval().to(device)
 
@@ -275,6 +294,8 @@ def features(model, batches, device=None, batch_size=50):
     batches, or an iterable of (b, 3, H, W) batches. Runs on device (default: the model's)."""
     if model.training:
         raise ValueError("features: call model.eval() first (BatchNorm must use its stored statistics)")
+    if batch_size < 1:
+        raise ValueError(f"features: batch_size must be >= 1; got {batch_size}")
     device = next(model.parameters()).device if device is None else torch.device(device)
     model.to(device)
     if isinstance(batches, torch.Tensor):
@@ -314,6 +335,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
         raise ValueError(f"frechet_distance: shapes {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape} "
                          "are not mu (D,), sigma (D, D) of one D")
+    check_finite("frechet_distance", mu1, sigma1, mu2, sigma2)
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (sigma1 sigma2)^(1/2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"sqrtm(sigma1 sigma2) is not finite (near-singular product); adding {eps} to the diagonals")
@@ -326,49 +348,121 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
                              "sigma1, sigma2 are not valid covariances (symmetric positive semi-definite)")
         covmean = covmean.real
     diff = mu1 - mu2
-    return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    check_finite("frechet_distance: the result", fd)  # finite inputs can still overflow
+    return fd
+
+
+def check_finite(name, *arrays):
+    if not all(np.isfinite(a).all() for a in arrays):
+        raise ValueError(f"{name} has NaN or inf entries: not valid FID statistics")
 
 
 def save_stats(path, mu, sigma):
-    """Write mu (D,), sigma (D, D) to an .npz, atomically."""
-    atomic_write(path, lambda f: np.savez(f, mu=np.asarray(mu, np.float64), sigma=np.asarray(sigma, np.float64)))
+    """Write mu (D,), sigma (D, D) to an .npz, atomically; NaN or inf is refused, never written."""
+    mu, sigma = np.asarray(mu, np.float64), np.asarray(sigma, np.float64)
+    check_finite(f"save_stats({path})", mu, sigma)
+    atomic_write(path, lambda f: np.savez(f, mu=mu, sigma=sigma))
+
+
+def open_npz(path):
+    """np.load of an .npz without pickles, with a clear error for a missing file, an .npy or anything else."""
+    with open(path, "rb") as f:  # FileNotFoundError names the path
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise ValueError(f"{path} is an .npy array, not an .npz: save images with np.savez(path, images=x) "
+                         "and statistics with fid.save_stats")
+    if magic[:2] != b"PK":  # .npz files are zip archives
+        raise ValueError(f"{path} is not an .npz file (nor a folder of PNGs)")
+    return np.load(path, allow_pickle=False)
 
 
 def load_stats(path):
-    """(mu, sigma) float64 from an .npz with keys mu and sigma."""
-    with np.load(path) as data:
+    """(mu, sigma) float64 from an .npz with keys mu (D,) and sigma (D, D), finite."""
+    with open_npz(path) as data:
         if "mu" not in data or "sigma" not in data:
             raise KeyError(f"{path} holds {sorted(data.files)}; FID statistics need the keys mu and sigma")
-        return data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+        mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise ValueError(f"{path}: mu {mu.shape} and sigma {sigma.shape} are not (D,) and (D, D)")
+    check_finite(str(path), mu, sigma)
+    return mu, sigma
 
 
 # ----------------------------------------------------------------------------- command line
+def read_png(path):
+    """uint8 (H, W, 3) of one PNG. 16 bits per channel keep the high byte, as TensorFlow's decode_png(dtype=uint8)
+    does (libpng's png_set_strip_16); PIL already does so for colour, but would clip 16-bit grey to 255."""
+    from PIL import Image  # pillow comes with matplotlib
+    try:
+        with Image.open(path) as img:
+            if img.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I;16B", or "I" in older Pillow)
+                grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
+                return np.repeat(grey[:, :, None], 3, axis=2)
+            return np.asarray(img.convert("RGB"))
+    except OSError as e:  # not an image, truncated
+        raise ValueError(f"{path}: not a readable PNG ({e})") from e
+
+
 def load_images(path):
-    """uint8 (N, 3, H, W) from a folder of PNGs or an .npz holding uint8 (N, H, W, 3) or (N, 3, H, W)."""
+    """uint8 (N, 3, H, W), N >= 2, from a folder of PNGs or an .npz holding uint8 (N, H, W, 3) or (N, 3, H, W)."""
     if os.path.isdir(path):
-        from PIL import Image  # pillow comes with matplotlib
-        files = sorted(f for f in os.listdir(path) if f.lower().endswith(".png"))
+        names = sorted(os.listdir(path))
+        files = [f for f in names if f.lower().endswith(".png")]
+        if len(files) < len(names):
+            skipped = sorted(set(names) - set(files))
+            warnings.warn(f"{path}: skipped {len(skipped)} non-PNG entries: {', '.join(skipped[:5])}"
+                          + (", ..." if len(skipped) > 5 else ""))
         if not files:
             raise ValueError(f"no .png files in {path}")
-        images = np.stack([np.asarray(Image.open(os.path.join(path, f)).convert("RGB")) for f in files])
+        images = [read_png(os.path.join(path, f)) for f in files]
+        for f, img in zip(files, images):
+            if img.shape != images[0].shape:
+                raise ValueError(f"{os.path.join(path, f)} is {img.shape[0]}x{img.shape[1]} but "
+                                 f"{files[0]} is {images[0].shape[0]}x{images[0].shape[1]}: one size per image set")
+        images = np.stack(images)
     else:
-        with np.load(path) as data:
+        with open_npz(path) as data:
             if "images" not in data.files and len(data.files) != 1:
                 raise KeyError(f"{path} holds {sorted(data.files)}; put the images under the key 'images'")
             images = data["images" if "images" in data.files else data.files[0]]  # e.g. np.savez's arr_0
-    if images.dtype != np.uint8 or images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]):
+    if images.dtype != np.uint8 or images.ndim != 4 or 3 not in (images.shape[1], images.shape[3]) or not images.size:
         raise ValueError(f"{path}: expected uint8 images (N, H, W, 3) or (N, 3, H, W); "
                          f"got {images.dtype} {images.shape}")
     if images.shape[1] != 3:
         images = images.transpose(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
+    if len(images) < 2:
+        raise ValueError(f"{path}: {len(images)} image; FID statistics need N >= 2 for a covariance")
+    if images.max() <= 1:
+        warnings.warn(f"{path}: the largest pixel value is {images.max()}; FID takes uint8 in 0..255 "
+                      "(were [0, 1] floats cast to uint8? a generator's [-1, 1] output goes through to_uint8)")
     return torch.from_numpy(np.ascontiguousarray(images))
 
 
-def is_stats_file(path):
-    if os.path.isdir(path):
-        return False
-    with np.load(path) as data:
-        return "mu" in data.files and "sigma" in data.files
+def load_source(path):
+    """A command-line source: (mu, sigma) from a stats .npz, else uint8 images (N, 3, H, W)."""
+    if not os.path.isdir(path):
+        with open_npz(path) as data:
+            if "mu" in data.files and "sigma" in data.files:
+                return load_stats(path)
+    return load_images(path)
+
+
+def positive_int(s):
+    if int(s) < 1:  # a ValueError here: argparse says "invalid positive_int value"
+        raise argparse.ArgumentTypeError(f"must be a positive integer; got {s}")
+    return int(s)
+
+
+def check_out(out, sources, force):
+    """Before any work: --out is a file in a writable folder, not an input, and new unless --force."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.exists(out) and any(os.path.exists(s) and os.path.samefile(s, out) for s in sources):
+        raise ValueError(f"--out {out} is also an input: it would be replaced by its own statistics")
+    if os.path.isdir(out) or not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ValueError(f"--out {out}: not a file in an existing, writable folder")
+    if os.path.exists(out) and not force:
+        raise ValueError(f"--out {out} exists; pass --force to replace it")
 
 
 def main():
@@ -376,18 +470,28 @@ def main():
     p.add_argument("command", choices=["stats", "fid", "bench"],
                    help="stats: (mu, sigma) of SRC; fid: FID between SRC1 and SRC2; bench: images/s")
     p.add_argument("sources", nargs="*", help="folders of PNGs, .npz of uint8 images, or stats .npz (mu, sigma)")
-    p.add_argument("--out", help="stats: where to write the .npz with mu, sigma")
+    p.add_argument("--out", help="stats: where to write the .npz with mu, sigma (never one of the sources)")
+    p.add_argument("--force", action="store_true", help="stats: replace an existing --out file")
     p.add_argument("--inception-weights", help="local copy of pt_inception-2015-12-05-6726825d.pth (offline use)")
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR, help="where the downloaded weights are kept")
-    p.add_argument("--batch-size", type=int, default=50, help="images per network call")
+    p.add_argument("--batch-size", type=positive_int, default=50, help="images per network call, >= 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--n", type=int, default=64, help="bench: number of images timed")
-    p.add_argument("--size", type=int, default=32, help="bench: side of the random uint8 images (CIFAR-10: 32)")
+    p.add_argument("--n", type=positive_int, default=64, help="bench: number of images timed, >= 1")
+    p.add_argument("--size", type=positive_int, default=32, help="bench: side of the random uint8 images (CIFAR-10: 32)")
     args = p.parse_args()
     n_sources = {"stats": 1, "fid": 2, "bench": 0}[args.command]
     if len(args.sources) != n_sources or (args.command == "stats" and not args.out):
         p.error(f"{args.command} takes {n_sources} source(s)" + (" and --out" if args.command == "stats" else ""))
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: no CUDA device here; use --device cpu")
+    try:
+        run(args)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:  # expected failures: one line, exit status 1
+        print(f"fid.py: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
+        sys.exit(1)
 
+
+def run(args):
     if args.command == "bench":  # throughput does not depend on the weights: random ones unless given
         model = load_inception(args.inception_weights, args.device) if args.inception_weights else \
             InceptionV3().eval().to(args.device)
@@ -399,22 +503,20 @@ def main():
         print(f"{args.n / dt:.1f} images/s ({args.n} images {args.size}x{args.size}, batch {args.batch_size}, "
               f"{args.device}, {torch.get_num_threads()} CPU threads)")
         return
-
-    model = None
-    results = []
-    for src in args.sources:
-        if is_stats_file(src):
-            results.append(load_stats(src))
-            continue
-        if model is None:
-            model = load_inception(args.inception_weights, args.device, args.cache_dir)
-        results.append(stats(features(model, load_images(src), batch_size=args.batch_size)))
     if args.command == "stats":
-        save_stats(args.out, *results[0])
+        check_out(args.out, args.sources, args.force)
+    sources = [load_source(src) for src in args.sources]  # every source read and checked before the network
+    if any(isinstance(s, torch.Tensor) for s in sources):
+        model = load_inception(args.inception_weights, args.device, args.cache_dir)
+        sources = [stats(features(model, s, batch_size=args.batch_size)) if isinstance(s, torch.Tensor) else s
+                   for s in sources]
+    if args.command == "stats":
+        save_stats(args.out, *sources[0])
         print(f"wrote {args.out}")
     else:
-        print(f"FID {frechet_distance(*results[0], *results[1]):.4f}")
+        print(f"FID {frechet_distance(*sources[0], *sources[1]):.4f}")
 
 
 if __name__ == "__main__":
+    warnings.formatwarning = lambda message, *args, **kwargs: f"fid.py: warning: {message}\n"
     main()

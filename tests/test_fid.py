@@ -1,11 +1,19 @@
 """fid.py: Frechet distance in closed form, TensorFlow 1's resize, the pytorch-fid weight layout,
-end-to-end runs with random weights, and the error paths. CPU, no download."""
+end-to-end runs with random weights, and the error paths. CPU, no download.
+
+Graders by name: `pytest -k frechet_distance` (closed forms of the Frechet distance), `pytest -k resize_tf1`
+(TensorFlow 1's bilinear rule, against a per-pixel loop and a ramp's closed form). Their references never
+call another function of fid.py."""
+import errno
 import io
 import hashlib
 import math
 import os
+import struct
+import subprocess
 import sys
 import urllib.error
+import zlib
 
 import numpy as np
 import pytest
@@ -44,9 +52,11 @@ def test_frechet_distance_scaled_full_covariance_closed_form():
     assert fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma) == pytest.approx(expected, rel=1e-8)
 
 
-def test_fid_of_a_set_with_itself_is_zero():
-    feats = np.random.default_rng(3).standard_normal((200, 16)) @ np.diag(np.linspace(0.1, 2, 16))
-    mu, sigma = fid.stats(feats)
+def test_frechet_distance_of_a_gaussian_with_itself_is_zero():
+    # Tr(sigma + sigma - 2 (sigma sigma)^(1/2)) = 0, here with eigenvalues spread over four decades
+    rng = np.random.default_rng(3)
+    q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
+    mu, sigma = rng.standard_normal(16), q @ np.diag(np.logspace(-2, 2, 16)) @ q.T
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
@@ -67,15 +77,26 @@ def test_frechet_distance_retries_with_eps_when_sqrtm_is_not_finite():
     assert d == pytest.approx(2 - 4 * math.sqrt(eps * (1 + eps)), rel=1e-6)
 
 
-def test_frechet_distance_rejects_non_psd_covariance():
+def test_frechet_arguments_not_psd_rejected():
     # diag(1, -1) is no covariance: its square root has the imaginary entry i on the diagonal
     with pytest.raises(ValueError, match="imaginary"):
         fid.frechet_distance(np.zeros(2), np.diag([1.0, -1.0]), np.zeros(2), np.eye(2))
 
 
-def test_frechet_distance_rejects_mismatched_shapes():
+def test_frechet_arguments_mismatched_shapes_rejected():
     with pytest.raises(ValueError, match="shapes"):
         fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(2), np.eye(2))
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_frechet_arguments_nan_or_inf_rejected(bad):
+    # never a NaN FID (issue D6): non-finite statistics are an error, not a number
+    for i in range(4):
+        args = [np.zeros(2), np.eye(2), np.zeros(2), np.eye(2)]
+        args[i] = args[i].copy()
+        args[i][0] = bad
+        with pytest.raises(ValueError, match="NaN or inf"):
+            fid.frechet_distance(*args)
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -139,7 +160,7 @@ def tf1_resize_loop(img, size):
 
 
 @pytest.mark.parametrize("h, w, size", [(5, 7, 9), (8, 6, 3), (32, 32, 299)])
-def test_resize_matches_double_loop_of_tf1_rule(h, w, size):
+def test_resize_tf1_matches_per_pixel_loop_of_tf1_rule(h, w, size):
     img = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
     out = fid.resize_tf1(img.float(), size)
     assert out.shape == (2, 3, size, size)
@@ -148,7 +169,18 @@ def test_resize_matches_double_loop_of_tf1_rule(h, w, size):
         np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3)  # float32 on a 0..255 scale
 
 
-def test_resize_is_not_interpolate_half_pixel_rule():
+def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
+    # bilinear interpolation is exact on a linear ramp img[y, x] = x + 10 y, so output pixel (i, j) is the ramp
+    # at TF1's sample point (i h / size, j w / size), clamped to the last row / column beyond it
+    h, w, size = 4, 6, 10
+    y, x = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64), indexing="ij")
+    out = fid.resize_tf1((x + 10 * y)[None, None].float(), size)[0, 0].double()
+    i = torch.arange(size, dtype=torch.float64)
+    ys, xs = (i * h / size).clamp(max=h - 1), (i * w / size).clamp(max=w - 1)
+    torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4)
+
+
+def test_resize_tf1_is_not_interpolate_half_pixel_rule():
     # the two rules sample different coordinates, so they disagree by whole grey levels
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()
     other = torch.nn.functional.interpolate(img, size=299, mode="bilinear", align_corners=False)
@@ -278,8 +310,30 @@ def test_weight_file_without_num_batches_tracked_loads_but_unknown_keys_fail(wei
     fid.load_inception(tmp_path / "old.pth")
     state["Mixed_8.conv.weight"] = torch.zeros(1)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(RuntimeError, match="Mixed_8"):
+    with pytest.raises(ValueError, match="0 missing, 1 unexpected keys .first: Mixed_8"):
         fid.load_inception(tmp_path / "bad.pth")
+
+
+def test_wrong_weight_files_give_one_line_with_the_counts(weights_file, tmp_path):
+    # 18 kB of key names before: now the counts, and the first offending name
+    state = torch.load(weights_file, weights_only=True)
+    renamed = {("x" + k if k.startswith("Mixed_5b.") else k): v for k, v in state.items()}
+    n_5b = sum(k.startswith("Mixed_5b.") for k in state)  # 7 convs: 5 tensors each, plus num_batches_tracked
+    torch.save(renamed, tmp_path / "renamed.pth")
+    with pytest.raises(ValueError) as err:
+        fid.load_inception(tmp_path / "renamed.pth")
+    assert f"not pytorch-fid's FID InceptionV3 weights: {n_5b - 7} missing, {n_5b} unexpected keys" in str(err.value)
+    state["Conv2d_1a_3x3.conv.weight"] = torch.zeros(32, 3, 5, 5)
+    torch.save(state, tmp_path / "shape.pth")
+    with pytest.raises(ValueError, match="0 missing, 0 unexpected keys, 1 of the wrong shape"):
+        fid.load_inception(tmp_path / "shape.pth")
+    (tmp_path / "notes.txt").write_text("not weights\n")
+    with pytest.raises(ValueError, match="as a PyTorch weight file"):
+        fid.load_inception(tmp_path / "notes.txt")
+    for path in (tmp_path / "renamed.pth", tmp_path / "notes.txt"):
+        with pytest.raises(ValueError) as err:
+            fid.load_inception(path)
+        assert "\n" not in str(err.value)
 
 
 @pytest.fixture(scope="module")
@@ -374,11 +428,172 @@ def test_cli_stats_writes_the_statistics_of_the_images(weights_file, two_images,
     np.testing.assert_allclose(sigma_cli, sigma, rtol=1e-4, atol=1e-6)
 
 
-def test_cli_fid_between_stats_files_prints_the_frechet_distance(tmp_path, monkeypatch, capsys):
+def test_cli_fid_between_stats_files_prints_the_closed_form_distance(tmp_path, monkeypatch, capsys):
+    # diagonal covariances: |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2, computed here without fid.py
     rng = np.random.default_rng(8)
-    mu1, s1, mu2, s2 = rng.standard_normal(4), random_spd(4, rng), rng.standard_normal(4), random_spd(4, rng)
-    fid.save_stats(tmp_path / "a.npz", mu1, s1)
-    fid.save_stats(tmp_path / "b.npz", mu2, s2)
-    monkeypatch.setattr(sys, "argv", ["fid.py", "fid", str(tmp_path / "a.npz"), str(tmp_path / "b.npz")])
-    fid.main()  # stats files need no network and no weights
-    assert capsys.readouterr().out.strip() == f"FID {fid.frechet_distance(mu1, s1, mu2, s2):.4f}"
+    mu1, mu2, a, b = rng.standard_normal(4), rng.standard_normal(4), rng.uniform(0.1, 3, 4), rng.uniform(0.1, 3, 4)
+    np.savez(tmp_path / "a.npz", mu=mu1, sigma=np.diag(a))
+    np.savez(tmp_path / "b.npz", mu=mu2, sigma=np.diag(b))
+    expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
+    code, out, err = cli(monkeypatch, capsys, "fid", tmp_path / "a.npz", tmp_path / "b.npz")
+    assert code == 0 and out.strip() == f"FID {expected:.4f}"  # stats files need no network and no weights
+
+
+# ----------------------------------------------------------------------------- command line: wrong input, said in one line
+def cli(monkeypatch, capsys, *argv):
+    """fid.main() with these arguments -> (exit status, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["fid.py", *map(str, argv)])
+    try:
+        fid.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Fail the test if the command line gets as far as loading the network."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the network was loaded before the arguments were checked")
+    monkeypatch.setattr(fid, "load_inception", refuse)
+
+
+def write_png(path, img):
+    """uint8 or uint16 (H, W) grey or (H, W, 3) RGB -> a PNG with 8 or 16 bits per channel (numpy + zlib)."""
+    depth, colour = (16, img.astype(">u2")) if img.dtype == np.uint16 else (8, img)
+    rows = b"".join(b"\x00" + colour[r].tobytes() for r in range(img.shape[0]))  # filter type 0 per row
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+    header = struct.pack(">IIBBBBB", img.shape[1], img.shape[0], depth, 2 if img.ndim == 3 else 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows))
+                     + chunk(b"IEND", b""))
+
+
+def test_cli_never_writes_over_an_input_or_an_existing_file(tmp_path, monkeypatch, capsys, no_network):
+    # D3: `stats X --out X` replaced the images X with their statistics
+    np.savez(tmp_path / "imgs.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    fid.save_stats(tmp_path / "s.npz", np.zeros(2), np.eye(2))
+    before = {f: (tmp_path / f).read_bytes() for f in ("imgs.npz", "s.npz")}
+    for src in ("imgs.npz", "s.npz"):
+        code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / src, "--out", tmp_path / src, "--force")
+        assert code == 1 and "is also an input" in err and err.count("\n") == 1
+    fid.save_stats(tmp_path / "t.npz", np.ones(2), 2 * np.eye(2))
+    code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / "s.npz", "--out", tmp_path / "t.npz")
+    assert code == 1 and "exists; pass --force" in err
+    assert {f: (tmp_path / f).read_bytes() for f in before} == before
+    assert fid.load_stats(tmp_path / "t.npz")[0].tolist() == [1, 1]
+    code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / "s.npz", "--out", tmp_path / "t.npz", "--force")
+    assert code == 0 and fid.load_stats(tmp_path / "t.npz")[0].tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("bad", ["mu", "sigma"])
+def test_cli_nan_statistics_are_an_error_never_a_nan_fid(bad, tmp_path, monkeypatch, capsys):
+    # D6: `fid.py fid nan.npz s.npz` printed "FID nan" with exit status 0
+    stats = {"mu": np.zeros(3), "sigma": np.eye(3)}
+    stats[bad][0] = np.nan
+    np.savez(tmp_path / "nan.npz", **stats)
+    fid.save_stats(tmp_path / "s.npz", np.zeros(3), np.eye(3))
+    code, out, err = cli(monkeypatch, capsys, "fid", tmp_path / "nan.npz", tmp_path / "s.npz")
+    assert code == 1 and out == "" and "nan.npz has NaN or inf" in err and err.count("\n") == 1
+    with pytest.raises(ValueError, match="NaN or inf"):  # and no NaN reaches a stats file
+        fid.save_stats(tmp_path / "out.npz", *stats.values())
+    assert not (tmp_path / "out.npz").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--batch-size", "0"), ("--batch-size", "-1"), ("--batch-size", "x"),
+                                         ("--n", "0"), ("--size", "-3")])
+def test_cli_bad_counts_are_rejected_by_argparse(flag, value, monkeypatch, capsys, no_network):
+    # D9: --batch-size 0 failed inside torch.split after loading everything; bench --n 0 printed 0.0 images/s
+    code, out, err = cli(monkeypatch, capsys, "bench", flag, value)
+    assert code == 2 and f"argument {flag}:" in err.splitlines()[-1]
+
+
+def test_cli_checks_counts_and_out_before_the_network(tmp_path, monkeypatch, capsys, no_network):
+    # D9: one image failed in stats() after the network ran; D11: --out into a missing folder failed after it
+    np.savez(tmp_path / "one.npz", images=np.zeros((1, 4, 4, 3), np.uint8))
+    np.savez(tmp_path / "two.npz", images=np.zeros((2, 4, 4, 3), np.uint8))
+    code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / "one.npz", "--out", tmp_path / "s.npz")
+    assert code == 1 and "1 image; FID statistics need N >= 2" in err
+    for out_path in (tmp_path / "missing" / "s.npz", tmp_path):
+        code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / "two.npz", "--out", out_path)
+        assert code == 1 and "not a file in an existing, writable folder" in err and err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["one.npz", "two.npz"]
+
+
+def test_png_16_bit_keeps_the_high_byte_as_tensorflow_decode_png(tmp_path):
+    # D15: 16-bit grey PNGs were clipped to 255; TF's decode_png(dtype=uint8) keeps the high byte (png_set_strip_16)
+    rng = np.random.default_rng(9)
+    grey, rgb = rng.integers(0, 65536, (2, 4, 5), dtype=np.uint16), rng.integers(0, 65536, (2, 4, 5, 3), dtype=np.uint16)
+    grey8 = rng.integers(0, 256, (2, 4, 5), dtype=np.uint8)
+    for name, imgs, expected in [("grey16", grey, np.repeat(grey[..., None] >> 8, 3, axis=3)),
+                                 ("rgb16", rgb, rgb >> 8), ("grey8", grey8, np.repeat(grey8[..., None], 3, axis=3))]:
+        (tmp_path / name).mkdir()
+        for i, img in enumerate(imgs):
+            write_png(tmp_path / name / f"{i}.png", img)
+        loaded = fid.load_images(str(tmp_path / name))
+        assert loaded.dtype == torch.uint8
+        np.testing.assert_array_equal(loaded.permute(0, 2, 3, 1).numpy(), expected.astype(np.uint8), err_msg=name)
+
+
+def test_cli_names_text_npy_and_missing_files(tmp_path, monkeypatch, capsys, no_network):
+    # D16: a text file said "pickled data ... allow_pickle", an .npy a context-manager TypeError
+    (tmp_path / "notes.txt").write_text("mu 0\nsigma 1\n")
+    np.save(tmp_path / "arr.npy", np.zeros((2, 4, 4, 3), np.uint8))
+    fid.save_stats(tmp_path / "s.npz", np.zeros(2), np.eye(2))
+    (tmp_path / "empty").mkdir()
+    for src, message in [("notes.txt", "is not an .npz file"), ("arr.npy", "is an .npy array, not an .npz"),
+                         ("missing.npz", "No such file"), ("empty", "no .png files")]:
+        code, out, err = cli(monkeypatch, capsys, "fid", tmp_path / src, tmp_path / "s.npz")
+        assert code == 1 and message in err and err.startswith("fid.py: error: ") and err.count("\n") == 1, src
+
+
+def test_image_sets_warn_on_0_1_values_and_skipped_files_and_name_two_sizes(tmp_path):
+    np.savez(tmp_path / "unit.npz", images=np.random.default_rng(10).integers(0, 2, (3, 4, 4, 3), dtype=np.uint8))
+    with pytest.warns(UserWarning, match=r"largest pixel value is 1; FID takes uint8 in 0\.\.255"):
+        fid.load_images(str(tmp_path / "unit.npz"))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    for name in ("a.png", "b.PNG"):
+        write_png(folder / name, np.full((4, 5, 3), 200, np.uint8))
+    (folder / "notes.txt").write_text("x")
+    (folder / "c.jpg").write_bytes(b"jpeg")
+    (folder / "sub").mkdir()
+    with pytest.warns(UserWarning, match="skipped 3 non-PNG entries: c.jpg, notes.txt, sub"):
+        assert fid.load_images(str(folder)).shape == (2, 3, 4, 5)
+    write_png(folder / "c.png", np.full((6, 5, 3), 200, np.uint8))
+    with pytest.warns(UserWarning, match="skipped"), pytest.raises(ValueError, match="c.png is 6x5 but a.png is 4x5"):
+        fid.load_images(str(folder))
+
+
+def test_failed_write_keeps_the_old_file_removes_the_partial_one_and_says_why(tmp_path, monkeypatch, capsys):
+    fid.save_stats(tmp_path / "src.npz", np.zeros(2), np.eye(2))
+    fid.save_stats(tmp_path / "out.npz", np.ones(2), np.eye(2))
+    old = (tmp_path / "out.npz").read_bytes()
+
+    def full_disk(f, **arrays):
+        f.write(b"PK partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(fid.np, "savez", full_disk)
+    code, out, err = cli(monkeypatch, capsys, "stats", tmp_path / "src.npz", "--out", tmp_path / "out.npz", "--force")
+    assert code == 1 and "No space left on device" in err and "partial file was removed" in err
+    assert err.count("\n") == 1
+    assert sorted(os.listdir(tmp_path)) == ["out.npz", "src.npz"] and (tmp_path / "out.npz").read_bytes() == old
+
+
+def test_cli_real_write_failure_is_one_line_and_exit_status_1(tmp_path):
+    # a real failing write in a real process: the file-size limit (Python ignores SIGXFSZ, so write() fails)
+    resource = pytest.importorskip("resource")
+    a = np.random.default_rng(11).standard_normal((200, 100))
+    fid.save_stats(tmp_path / "src.npz", a.mean(0), np.cov(a, rowvar=False))  # sigma alone is 80 kB
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    r = subprocess.run([sys.executable, fid.__file__, "stats", str(tmp_path / "src.npz"), "--out",
+                        str(tmp_path / "out.npz")], capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
+    assert (r.returncode, r.stdout) == (1, "") and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("fid.py: error: could not write") and "File too large" in r.stderr
+    assert os.listdir(tmp_path) == ["src.npz"]
