@@ -1,262 +1,438 @@
 """RealUID on 2-D Gaussian mixtures, on the CPU: teacher -> one-step generator, with and without real data.
 
-    python toy2d.py --real-data                      # flow matching, the README's figure and table
+    python toy2d.py --real-data                      # flow matching: the README's figure and table
+    python toy2d.py --real-data --seeds 5            # 5 paired seeds: mean +- sd, RealUID - data-free +- se
     python toy2d.py --path bridge --real-data        # every family: fm | diffusion | bridge | si
     python toy2d.py --teacher exact --teacher-error 0.5 --real-data   # a corrupted teacher (App. A.1.4)
 
-Paper convention: data x0 at t = 0, the other end x1 at t = 1. Writes DIR/toy2d_<path>.png,
-DIR/results.json (arguments, metrics table, loss curves) and DIR/samples.npz.
+Paper convention: data x0 at t = 0, the other end x1 at t = 1. Writes, atomically, DIR/toy2d_<path>.png
+(samples, distance to the data along training, and the optimal fake model of Eq. (22) that real data
+changes), DIR/results.json (arguments, per-seed metrics and curves, the summary over seeds) and
+DIR/samples.npz (the first seed's samples).
 """
 import argparse
 import copy
 import json
 import math
 import os
+import sys
 import time
 
 import numpy as np
 import torch
+from scipy.optimize import linear_sum_assignment
 from tqdm import tqdm
 
 import losses
 import paths
 from nets import MLP
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--path", default="fm", choices=list(paths.PATHS), help="matching family: flow matching, VP diffusion, "
-               "Brownian bridge (corrupted observation x1 -> clean x0) or stochastic interpolant (a two-mode source x1 -> x0)")
-p.add_argument("--real-data", action="store_true", help="also distil a RealUID generator with real data (alpha, beta below)")
-p.add_argument("--alpha", type=float, default=0.9, help="alpha in RealUM, Eq. (16): weight of generated data; in (0, 1]")
-p.add_argument("--beta", type=float, default=0.94, help="beta in RealUM, Eq. (16); in (0, 1]; beta/alpha != 1 lets real "
-               "data change the fake model's optimum, Eq. (22)")
-p.add_argument("--gamma", type=float, default=None, help="gamma of the general RealUID loss, App. A.2 (default: the "
-               "losses of Eqs. (16)-(17), i.e. gamma = alpha)")
-p.add_argument("--delta-beta", action="store_true", help="with --gamma: parametrise delta = beta (f* - f) instead of f* - f")
-p.add_argument("--teacher", default="trained", choices=["trained", "exact"], help="f*: a network trained with the UM loss, "
-               "Eq. (3), or the closed-form field of the mixture (the generator always starts from the trained network)")
-p.add_argument("--teacher-error", type=float, default=0.0, help="corrupted teacher (App. A.1.4): f* + E (f_wrong - f*), "
-               "f_wrong the exact field of the mixture with its mode weights reversed; E = 1 teaches the wrong weights")
-p.add_argument("--modes", type=int, default=5, help="K, modes of p0* (radius 2.5, variance 0.15, weights proportional to K, ..., 1)")
-p.add_argument("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
-p.add_argument("--teacher-steps", type=int, default=3000, help="teacher training steps (Adam (0.9, 0.999))")
-p.add_argument("--steps", type=int, default=600, help="distillation: generator steps (each after K fake steps)")
-p.add_argument("--fake-steps", type=int, default=5, help="K, fake-model steps per generator step (paper: 5)")
-p.add_argument("--fake-init", default="random", choices=["random", "teacher"], help="fake model f's initial weights")
-p.add_argument("--batch", type=int, default=512, help="batch size for every step")
-p.add_argument("--lr-teacher", type=float, default=2e-3, help="teacher learning rate")
-p.add_argument("--lr", type=float, default=3e-4, help="generator and fake-model learning rate (Adam betas (0, 0.999))")
-p.add_argument("--hidden", type=int, default=128, help="MLP width (teacher, fake model and generator share it)")
-p.add_argument("--depth", type=int, default=3, help="MLP hidden layers")
-p.add_argument("--bridge-eps", type=float, default=0.5, help="eps_b, the Brownian bridge's noise level")
-p.add_argument("--bridge-noise", type=float, default=1.0, help="sigma of the bridge's observation x1 = x0 + sigma n")
-p.add_argument("--si-a", type=float, default=1.0, help="a in the interpolant's gamma(t) = a t (1 - t)")
-p.add_argument("--n-eval", type=int, default=4000, help="samples per model for the metrics")
-p.add_argument("--seed", type=int, default=0, help="random seed (data, networks, draws)")
-p.add_argument("--out", default="runs/toy2d", help="output folder")
-args = p.parse_args()
-losses.check_alpha_beta(args.alpha, args.beta)  # fail now, not after training the teacher
-if args.gamma is not None:
-    losses.check_gamma(args.gamma)
-if min(args.nfe, args.teacher_steps, args.steps, args.fake_steps, args.batch, args.n_eval) < 1:
-    p.error("--nfe, --teacher-steps, --steps, --fake-steps, --batch and --n-eval must be positive")
-if min(args.bridge_eps, args.bridge_noise, args.modes) <= 0 or args.si_a < 0:
-    p.error("--bridge-eps, --bridge-noise and --modes must be positive and --si-a non-negative")
-torch.manual_seed(args.seed)
-os.makedirs(args.out, exist_ok=True)
 
-# ---- data: p0* a K-mode mixture with unequal weights; the pairs (x0, x1) of each family
-angles = torch.arange(args.modes) * 2 * math.pi / args.modes
-MEANS = 2.5 * torch.stack([angles.cos(), angles.sin()], 1)  # (K, 2) on a circle of radius 2.5
-WEIGHTS = torch.arange(args.modes, 0, -1).float() / (args.modes * (args.modes + 1) / 2)  # K, K - 1, ..., 1
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    a("--path", default="fm", choices=list(paths.PATHS), help="matching family: flow matching, VP diffusion, Brownian "
+      "bridge (corrupted observation x1 -> clean x0) or stochastic interpolant (a two-mode source x1 -> x0)")
+    a("--real-data", action="store_true", help="also distil a RealUID student with real data (alpha, beta below)")
+    a("--alpha", type=float, default=0.9, help="alpha in RealUM, Eq. (16): weight of generated data; in (0, 1]")
+    a("--beta", type=float, default=0.94, help="beta in RealUM, Eq. (16); in (0, 1]; beta/alpha != 1 lets real data "
+      "change the fake model's optimum, Eq. (22)")
+    a("--gamma", type=float, default=None, help="gamma of the general RealUID loss, App. A.2 Def. 3 (default: the "
+      "losses of Eqs. (16)-(17), i.e. gamma = alpha)")
+    a("--delta-beta", action="store_true", help="with --gamma: parametrise delta = beta (f* - f) instead of f* - f")
+    a("--teacher", default="trained", choices=["trained", "exact"], help="f*: a network trained with the UM loss, "
+      "Eq. (3), or the closed-form field of the mixture (the generator always starts from the trained network)")
+    a("--teacher-error", type=float, default=0.0, help="corrupted teacher (App. A.1.4): f* + E (f_wrong - f*), f_wrong "
+      "the exact field of the mixture with its mode weights reversed; E = 1 teaches the wrong weights")
+    a("--modes", type=int, default=5, help="modes of p0* (radius 2.5, variance 0.15, weights proportional to 5, ..., 1)")
+    a("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
+    a("--teacher-steps", type=int, default=3000, help="teacher training steps (Adam (0.9, 0.999))")
+    a("--steps", type=int, default=700, help="distillation: generator steps, each after K fake-model steps")
+    a("--fake-steps", type=int, default=5, help="K, fake-model steps per generator step (paper: 5)")
+    a("--fake-init", default="random", choices=["random", "teacher"], help="fake model f's initial weights")
+    a("--batch", type=int, default=512, help="batch size of every step")
+    a("--lr-teacher", type=float, default=2e-3, help="teacher learning rate, in (0, 1)")
+    a("--lr", type=float, default=1e-3, help="generator and fake-model peak learning rate, in (0, 1) (Adam betas "
+      "(0, 0.999)); linear warm-up, then cosine decay to 0.1x over --steps")
+    a("--warmup", type=int, default=50, help="generator steps of learning-rate warm-up")
+    a("--ema", type=float, default=0.99, help="EMA decay of the generator, in [0, 1); the EMA is what is sampled")
+    a("--hidden", type=int, default=128, help="MLP width (teacher, fake model and generator share it)")
+    a("--depth", type=int, default=3, help="MLP hidden layers")
+    a("--bridge-eps", type=float, default=0.5, help="eps_b, the Brownian bridge's noise level")
+    a("--bridge-noise", type=float, default=1.0, help="sigma of the bridge's observation x1 = x0 + sigma n")
+    a("--si-a", type=float, default=1.0, help="a in the interpolant's gamma(t) = a t (1 - t)")
+    a("--n-eval", type=int, default=4000, help="samples per model for the final metrics (W2 on 4 blocks of 500)")
+    a("--eval-every", type=int, default=25, help="generator steps between points of the distance curve")
+    a("--seed", type=int, default=0, help="first random seed (data, networks, draws)")
+    a("--seeds", type=int, default=1, help="paired seeds seed, seed + 1, ...: both students share the seed, teacher "
+      "and fake-model initialisation")
+    a("--out", default="runs/toy2d", help="output folder")
+    args = p.parse_args(argv)
+    # Validate everything before any training (a bad flag must not cost a trained teacher).
+    for name, v in vars(args).items():
+        if isinstance(v, float) and not math.isfinite(v):
+            p.error(f"--{name.replace('_', '-')} must be a finite number, got {v}")
+    try:
+        losses.check_alpha_beta(args.alpha, args.beta)
+        if args.gamma is not None:
+            losses.check_gamma(args.gamma)
+    except ValueError as e:
+        p.error(str(e))
+    if args.delta_beta and args.gamma is None:
+        p.error("--delta-beta parametrises the general loss: give --gamma too (App. A.2)")
+    counts = ["nfe", "teacher_steps", "steps", "fake_steps", "batch", "hidden", "depth", "n_eval", "eval_every", "seeds"]
+    for name in counts:
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.modes < 2 or args.warmup < 0 or args.seed < 0:
+        p.error("--modes must be at least 2, --warmup and --seed non-negative")
+    if not (0 < args.lr < 1 and 0 < args.lr_teacher < 1):
+        p.error(f"--lr and --lr-teacher must be in (0, 1); got {args.lr}, {args.lr_teacher}")
+    if not 0 <= args.ema < 1:
+        p.error(f"--ema must be in [0, 1), got {args.ema}")
+    if min(args.bridge_eps, args.bridge_noise) <= 0 or args.si_a < 0 or args.teacher_error < 0:
+        p.error("--bridge-eps and --bridge-noise must be positive, --si-a and --teacher-error non-negative")
+    return args
+
+
+# ---- the problem: p0* a K-mode mixture with unequal weights, and the pairs (x0, x1) of each family
 VAR = 0.15  # each mode's variance per axis
-p0 = paths.GaussianMixture(MEANS, VAR * torch.eye(2).repeat(args.modes, 1, 1), WEIGHTS)
-p0_wrong = paths.GaussianMixture(MEANS, p0.covs, WEIGHTS.flip(0))  # the corrupted teacher's data
-path = {"fm": paths.FlowMatching(), "diffusion": paths.Diffusion(), "si": paths.Interpolant(args.si_a),
-        "bridge": paths.Bridge(args.bridge_eps)}[args.path]
 
 
-def joint_of(p):
+def mixture(K, weights=None):
+    """K modes on a circle of radius 2.5, weights K : K - 1 : ... : 1 unless given."""
+    angles = torch.arange(K) * 2 * math.pi / K
+    means = 2.5 * torch.stack([angles.cos(), angles.sin()], 1)  # (K, 2)
+    w = torch.arange(K, 0, -1).double() / (K * (K + 1) / 2) if weights is None else weights
+    return paths.GaussianMixture(means, VAR * torch.eye(2).repeat(K, 1, 1), w)
+
+
+def make_path(args):
+    return {"fm": paths.FlowMatching(), "diffusion": paths.Diffusion(), "si": paths.Interpolant(args.si_a),
+            "bridge": paths.Bridge(args.bridge_eps)}[args.path]
+
+
+def joint_of(args, p):
     """The mixture of pairs (x0, x1) for data p: x1 noise, a corrupted copy of x0, or the source."""
     if args.path == "bridge":
         return paths.corrupted(p, torch.eye(2), args.bridge_noise)
     if args.path == "si":
-        return paths.independent(p, paths.GaussianMixture([[-1.5, 0.0], [1.5, 0.0]], 0.5 * torch.eye(2).repeat(2, 1, 1),
-                                                          [0.5, 0.5]))
+        source = paths.GaussianMixture([[-1.5, 0.0], [1.5, 0.0]], 0.5 * torch.eye(2).repeat(2, 1, 1), [0.5, 0.5])
+        return paths.independent(p, source)
     return paths.independent(p, paths.GaussianMixture.standard(2))
 
 
-joint = joint_of(p0)
-
-
-def pairs(n):
+def pairs(joint, n):
     """(x0*, x1) ~ pi: real data and its other end, (n, 2) each."""
     xx = joint.sample(n)
     return xx[:, :2], xx[:, 2:]
 
 
-def generator_input(x1):
-    """z of the one-step generator: a fresh draw from p1 (fm, diffusion, si) or N(0, I) beside x1 (bridge)."""
-    return torch.randn_like(x1) if args.path in ("bridge", "diffusion") else pairs(len(x1))[1]
+def generator_input(args, joint, x1):
+    """z of the one-step generator: N(0, I) beside x1 (bridge, diffusion) or a fresh draw from p1 (fm, si)."""
+    return torch.randn_like(x1) if args.path in ("bridge", "diffusion") else pairs(joint, len(x1))[1]
 
 
-# ---- teacher network (also the generator's initialisation), Eq. (3)
-in_dim = 4 if path.observes_x1 else 2
-net = MLP(in_dim, 2, args.hidden, args.depth)
-opt = torch.optim.Adam(net.parameters(), lr=args.lr_teacher)
-sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: min(1.0, 2 * (1 - i / args.teacher_steps)))
-teacher_losses = []
-for it in tqdm(range(args.teacher_steps), desc="teacher", mininterval=1):
-    x0, x1 = pairs(args.batch)
-    loss = losses.um_loss(path, net, x0, x1).mean()
-    if not torch.isfinite(loss):
-        raise FloatingPointError(f"teacher loss is {loss.item()} at step {it}")
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    sched.step()
-    teacher_losses.append(loss.item())
-net.requires_grad_(False)
-
-exact = paths.ExactField(path, joint)
-error = paths.ExactField(path, joint_of(p0_wrong))
-base = net if args.teacher == "trained" else (lambda x, t: exact(x, t))
-if args.teacher_error:
-    def f_star(x, t):  # App. A.1.4: the corrupted teacher f* + E (f_wrong - f*)
-        return base(x, t) + args.teacher_error * (error(x, t) - exact(x, t))
-else:
-    f_star = base
-
-
-# ---- distillation: K fake steps (Eq. 16), then one generator step (Eq. 17)
-def distil(alpha, beta, real):
-    torch.manual_seed(args.seed + 1)  # both students see the same fake-model init and draws
-    G = copy.deepcopy(net).requires_grad_(True)  # Sec. 3: the generator starts from the teacher
-    f_fake = copy.deepcopy(net).requires_grad_(True) if args.fake_init == "teacher" else MLP(in_dim, 2, args.hidden, args.depth)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    gamma, scale = (alpha if args.gamma is None else args.gamma), (beta if args.delta_beta else 1.0)
-    curves = {"fake": [], "generator": []}
-    for it in tqdm(range(args.steps), desc="RealUID" if real else "data-free UID", mininterval=1):
-        for _ in range(args.fake_steps):
-            x0_real, x1 = pairs(args.batch)
-            with torch.no_grad():  # fake step: the generator is fixed
-                x0_gen = path.generate(G, generator_input(x1), x1)
-            if args.gamma is None:
-                loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta)
-            else:
-                loss_f = losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma, scale)
-            if not torch.isfinite(loss_f).all():
-                raise FloatingPointError(f"non-finite fake-model loss at generator step {it}")
-            opt_f.zero_grad(set_to_none=True)
-            loss_f.mean().backward()
-            opt_f.step()
-        _, x1 = pairs(args.batch)  # the bridge's observations of real data; noise / source otherwise
-        with losses.frozen(f_fake, net):  # generator step: f and f* are fixed, gradients reach theta via their inputs
-            x0_gen = path.generate(G, generator_input(x1), x1)
-            if args.gamma is None:
-                loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta)
-            else:
-                loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale)
-            if not torch.isfinite(loss_g).all():
-                raise FloatingPointError(f"non-finite generator loss at generator step {it}")
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.mean().backward()
-        opt_g.step()
-        curves["fake"].append(loss_f.mean().item())
-        curves["generator"].append(loss_g.mean().item())
-    return G.requires_grad_(False), curves
-
-
-students = {"data-free UID": distil(1.0, 1.0, False)}
-if args.real_data:
-    students["RealUID"] = distil(args.alpha, args.beta, True)
-
-
-# ---- evaluation against fresh real samples
+# ---- metrics against real samples
 def energy_distance(x, y):
     """2 E|X - Y| - E|X - X'| - E|Y - Y'| (V-statistic), >= 0, = 0 iff same law."""
     return float(2 * torch.cdist(x, y).mean() - torch.cdist(x, x).mean() - torch.cdist(y, y).mean())
 
 
-def mode_metrics(x):
-    """Share of samples within 3 std of a mode, and total variation between the per-mode weights
-    of those samples and the true weights."""
-    d2 = torch.cdist(x, MEANS).pow(2) / VAR  # squared Mahalanobis distance to each mode
+def w2(x, y, block=500, blocks=4):
+    """Exact W2 between samples by optimal assignment, averaged over `blocks` disjoint blocks of `block`
+    points (an exact W2 on 500 points costs 0.1-1 s; its finite-sample floor is in the "real" row)."""
+    out = []
+    for i in range(0, min(len(x), len(y), block * blocks) - block + 1, block):
+        cost = torch.cdist(x[i:i + block].double(), y[i:i + block].double()).pow(2).numpy()
+        rows, cols = linear_sum_assignment(cost)
+        out.append(math.sqrt(cost[rows, cols].mean()))
+    return float(np.mean(out))
+
+
+def mode_metrics(x, p0):
+    """Share of samples within 3 std of a mode, and total variation between the per-mode weights of
+    those samples and the true weights ("mode-weight error")."""
+    d2 = torch.cdist(x.double(), p0.means).pow(2) / VAR  # squared Mahalanobis distance to each mode
     near = d2.min(1).values < 9.0
-    counts = torch.bincount(d2.argmin(1)[near], minlength=args.modes).float()
-    weights = counts / max(1.0, float(counts.sum()))
-    return float(near.float().mean()), float(0.5 * (weights - WEIGHTS).abs().sum())
+    counts = torch.bincount(d2.argmin(1)[near], minlength=len(p0.weights)).double()
+    return float(near.double().mean()), float(0.5 * (counts / max(1.0, float(counts.sum())) - p0.weights).abs().sum())
 
 
-def timed(fn, repeats=5):
-    """(output, median seconds) of fn() over a few runs."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, float(np.median(times))
+def metrics(x, x_ref, p0):
+    near, tv = mode_metrics(x, p0)
+    return {"energy": energy_distance(x, x_ref), "w2": w2(x, x_ref), "near_mode": near, "mode_tv": tv}
 
 
-torch.manual_seed(args.seed + 1000)
-x0_test, x1_test = pairs(args.n_eval)  # fresh real data and, for the bridge, its observations
-z_test = generator_input(x1_test)
-samples, nfe, seconds = {"real": x0_test}, {"real": 0}, {"real": 0.0}
-samples["teacher"], seconds["teacher"] = timed(lambda: path.sample(f_star, x1_test, args.nfe), repeats=3)
-nfe["teacher"] = args.nfe
-with torch.no_grad():
-    samples["generator at init"], seconds["generator at init"] = timed(lambda: path.generate(net, z_test, x1_test))
-    for name, (G, _) in students.items():
-        samples[name], seconds[name] = timed(lambda: path.generate(G, z_test, x1_test))
-x_ref = pairs(args.n_eval)[0]  # a second real sample: the distance floor of finite samples
-rows = []
-for name, x in samples.items():
-    near, tv = mode_metrics(x)
-    rows.append({"model": name, "energy": energy_distance(x, x_ref), "near_mode": near, "mode_tv": tv,
-                 "nfe": nfe.get(name, 1), "seconds": seconds[name]})
-print(f"\n{args.path}, teacher {args.teacher} (error {args.teacher_error}), {args.n_eval} samples; energy distance "
-      f"to fresh real data, share near a mode, per-mode weight TV, NFE, sampling time")
-print(f"{'model':18s} {'energy':>8s} {'near':>6s} {'TV':>6s} {'NFE':>4s} {'ms':>8s}")
-for r in rows:
-    print(f"{r['model']:18s} {r['energy']:8.4f} {r['near_mode']:6.3f} {r['mode_tv']:6.3f} {r['nfe']:4d} "
-          f"{1e3 * r['seconds']:8.2f}")
-one_step = seconds["data-free UID"]
-print(f"one-step speedup over the teacher (NFE {args.nfe}): {seconds['teacher'] / one_step:.0f}x")
+# ---- one seed: teacher, the two students, their metrics
+def lr_factor(args, it):
+    """Linear warm-up over --warmup generator steps, then cosine decay from 1 to 0.1."""
+    return min(1.0, (it + 1) / max(1, args.warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * it / args.steps)))
 
-# ---- save: results, samples and the figure
-with open(os.path.join(args.out, "results.json"), "w") as fh:
-    json.dump({"args": vars(args), "table": rows, "speedup": seconds["teacher"] / one_step,
-               "curves": {"teacher": teacher_losses, **{k: c for k, (_, c) in students.items()}}}, fh, indent=1)
-np.savez(os.path.join(args.out, "samples.npz"), **{k.replace(" ", "_").replace("-", "_"): v.numpy()
-                                                    for k, v in samples.items()},
-         **({"x1": x1_test.numpy()} if args.path == "bridge" else {}))
 
-import matplotlib  # noqa: E402
+def train_teacher(args, path, joint, in_dim):
+    """The teacher network, Eq. (3); it is also every generator's initialisation."""
+    net = MLP(in_dim, 2, args.hidden, args.depth)
+    opt = torch.optim.Adam(net.parameters(), lr=args.lr_teacher)
+    for it in tqdm(range(args.teacher_steps), desc="teacher", mininterval=1, leave=False):
+        for group in opt.param_groups:  # linear decay to 0 over the second half
+            group["lr"] = args.lr_teacher * min(1.0, 2 * (1 - it / args.teacher_steps))
+        x0, x1 = pairs(joint, args.batch)
+        loss = losses.um_loss(path, net, x0, x1).mean()
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"teacher loss is {loss.item()} at step {it}: lower --lr-teacher")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.requires_grad_(False)
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 
-panels = ["real", "teacher", *students]
-fig, axes = plt.subplots(2, len(panels), figsize=(3.2 * len(panels), 6.4))
-for ax, name in zip(axes[0], panels):
-    x = samples[name][:2000]
-    ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.5)
-    ax.scatter(MEANS[:, 0], MEANS[:, 1], s=WEIGHTS * 400, facecolors="none", edgecolors="k", lw=0.8)
-    r = next(r for r in rows if r["model"] == name)
-    ax.set_title(f"{name} (NFE {r['nfe']})\nenergy {r['energy']:.3f}, mode TV {r['mode_tv']:.3f}", fontsize=9)
-    ax.set_xlim(-4.5, 4.5), ax.set_ylim(-4.5, 4.5), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
-axes[1, 0].plot(teacher_losses, lw=0.5)
-axes[1, 0].set_title("teacher UM loss, Eq. (3)", fontsize=9)
-for j, (name, (_, c)) in enumerate(students.items()):
-    ax = axes[1, 1 + j]
-    ax.plot(c["fake"], lw=0.5, label="fake model, Eq. (16)")
-    ax.plot(c["generator"], lw=0.5, label="generator, Eq. (17)")
-    ax.set_title(f"{name} losses", fontsize=9)
-    ax.legend(fontsize=7)
-for ax in axes[1, 1 + len(students):]:
-    ax.axis("off")
-fig.suptitle(f"RealUID on a 2-D mixture: {args.path}, teacher {args.teacher}, error {args.teacher_error}, "
-             f"alpha {args.alpha}, beta {args.beta}", fontsize=10)
-fig.tight_layout()
-fig.savefig(os.path.join(args.out, f"toy2d_{args.path}.png"), dpi=110)
-print(f"wrote {args.out}/toy2d_{args.path}.png, results.json, samples.npz")
+def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
+    """K fake steps (Eq. 16), then one generator step (Eq. 17); returns the EMA generator and the
+    distance curve [(generator step, energy distance)] of the EMA generator."""
+    torch.manual_seed(seed + 1)  # both students see the same fake-model init and draws
+    G = copy.deepcopy(net).requires_grad_(True)  # Sec. 3: the generator starts from the teacher
+    G_ema = copy.deepcopy(net)
+    f_fake = copy.deepcopy(net).requires_grad_(True) if args.fake_init == "teacher" else MLP(
+        net.body[0].in_features - net.t_dim, 2, args.hidden, args.depth)
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    opt_f = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    gamma, scale = (alpha if args.gamma is None else args.gamma), (beta if args.delta_beta else 1.0)
+    curve = [(0, evaluate(G_ema))]
+    name = "RealUID" if (alpha, beta) != (1.0, 1.0) else "data-free UID"
+    for it in tqdm(range(args.steps), desc=f"{name}, seed {seed}", mininterval=1, leave=False):
+        for opt in (opt_g, opt_f):
+            opt.param_groups[0]["lr"] = args.lr * lr_factor(args, it)
+        for _ in range(args.fake_steps):
+            x0_real, x1 = pairs(joint, args.batch)
+            with torch.no_grad():  # fake step: the generator is fixed
+                x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
+            if args.gamma is None:  # Eq. (16)
+                loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta).mean()
+            else:  # App. A.2
+                loss_f = losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma,
+                                                  scale).mean()
+            if not torch.isfinite(loss_f):
+                raise FloatingPointError(f"fake-model loss is {loss_f.item()} at generator step {it}: lower --lr")
+            opt_f.zero_grad(set_to_none=True)
+            loss_f.backward()
+            opt_f.step()
+        _, x1 = pairs(joint, args.batch)  # the bridge's observations of real data; noise / source otherwise
+        with losses.frozen(f_fake):  # generator step: f and f* fixed, gradients reach theta via their inputs
+            x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
+            if args.gamma is None:  # Eq. (17)
+                loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta).mean()
+            else:  # App. A.2
+                loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
+                                                       scale).mean()
+            if not torch.isfinite(loss_g):
+                raise FloatingPointError(f"generator loss is {loss_g.item()} at generator step {it}: lower --lr")
+            opt_g.zero_grad(set_to_none=True)
+            loss_g.backward()
+        opt_g.step()
+        with torch.no_grad():
+            for p_ema, p in zip(G_ema.parameters(), G.parameters()):
+                p_ema.lerp_(p, 1 - args.ema)
+        if (it + 1) % args.eval_every == 0 or it + 1 == args.steps:
+            if not all(torch.isfinite(p).all() for p in G_ema.parameters()):
+                raise FloatingPointError(f"generator weights are not finite at generator step {it}: lower --lr")
+            curve.append((it + 1, evaluate(G_ema)))
+    return G_ema, curve
+
+
+def run_seed(args, seed):
+    """Everything for one seed: {"table": {model: metrics}, "curves": {student: curve}, "samples": {...}}."""
+    torch.manual_seed(seed)
+    p0, path = mixture(args.modes), make_path(args)
+    joint = joint_of(args, p0)
+    net = train_teacher(args, path, joint, 4 if path.observes_x1 else 2)
+    exact = paths.ExactField(path, joint)
+    base = net if args.teacher == "trained" else exact
+    if args.teacher_error:  # App. A.1.4: the corrupted teacher f* + E (f_wrong - f*)
+        wrong = paths.ExactField(path, joint_of(args, mixture(args.modes, p0.weights.flip(0))))
+        f_star = lambda x, t: base(x, t) + args.teacher_error * (wrong(x, t) - exact(x, t))  # noqa: E731
+    else:
+        f_star = base
+
+    torch.manual_seed(seed + 1000)  # fixed held-out data for the curves and the final metrics
+    x_curve, x1_curve = pairs(joint, 2000)
+    z_curve = generator_input(args, joint, x1_curve)
+    x_test, x1_test = pairs(joint, args.n_eval)
+    z_test = generator_input(args, joint, x1_test)
+    x_ref = pairs(joint, args.n_eval)[0]  # a second real sample: the floor of finite samples
+
+    def evaluate(G):
+        with torch.no_grad():
+            return energy_distance(path.generate(G, z_curve, x1_curve), x_curve)
+
+    students = {"data-free UID": distil(args, path, joint, net, f_star, 1.0, 1.0, evaluate, seed)}
+    if args.real_data:
+        students["RealUID"] = distil(args, path, joint, net, f_star, args.alpha, args.beta, evaluate, seed)
+    with torch.no_grad():
+        samples = {"real": x_test, "teacher": path.sample(f_star, x1_test, args.nfe),
+                   "generator at init": path.generate(net, z_test, x1_test),
+                   **{k: path.generate(G, z_test, x1_test) for k, (G, _) in students.items()}}
+        levels = {"teacher": energy_distance(path.sample(f_star, x1_curve, args.nfe), x_curve),
+                  "generator at init": evaluate(net), "real": energy_distance(x_test[:2000], x_curve)}
+    return {"seed": seed, "table": {k: metrics(x, x_ref, p0) for k, x in samples.items()},
+            "curves": {k: c for k, (_, c) in students.items()}, "levels": levels, "samples": samples,
+            "x1": x1_test, "students": {k: G for k, (G, _) in students.items()}, "net": net, "path": path}
+
+
+def summarise(runs):
+    """Per model: mean and sd over seeds of each metric; RealUID - data-free: mean, standard error and
+    the number of seeds where RealUID is lower, at the end and averaged over the trajectory."""
+    out = {}
+    for model in runs[0]["table"]:
+        out[model] = {m: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+                      for m in runs[0]["table"][model] for v in [[r["table"][model][m] for r in runs]]}
+    if "RealUID" in runs[0]["table"]:
+        diffs = {m: [r["table"]["RealUID"][m] - r["table"]["data-free UID"][m] for r in runs]
+                 for m in ("energy", "w2", "near_mode", "mode_tv")}
+        diffs["energy over trajectory"] = [np.mean([e for _, e in r["curves"]["RealUID"][1:]]) -
+                                           np.mean([e for _, e in r["curves"]["data-free UID"][1:]]) for r in runs]
+        se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
+        out["RealUID - data-free"] = {m: {"mean": float(np.mean(v)), "se": se(v), "lower_in": int(np.sum(np.array(v) < 0)),
+                                          "seeds": len(v)} for m, v in diffs.items()}
+    return out
+
+
+# ---- the mechanism: the optimal fake model of Eq. (22) for a generator that misses a mode
+def eq22_push(args, t=0.2, missed=2, n=17):
+    """On an n x n grid at time t (flow matching, exact fields), the push f_opt - f* that the optimal
+    fake model of Eq. (22), f_opt = [beta p_gen f_gen + (1 - beta) p* f*] / [alpha p_gen + (1 - alpha) p*],
+    gives a generator whose p_gen is the data with mode `missed` removed: data-free (alpha = beta = 1,
+    f_opt = f_gen) and RealUID. Drawn where the generator has mass (the only place it gets gradient)."""
+    p0, path, noise = mixture(args.modes), paths.FlowMatching(), paths.GaussianMixture.standard(2)
+    w = p0.weights.clone()
+    w[missed] = 0
+    real = paths.ExactField(path, paths.independent(p0, noise))
+    gen = paths.ExactField(path, paths.independent(paths.GaussianMixture(p0.means, p0.covs, w / w.sum()), noise))
+    g = torch.linspace(-4, 4, n, dtype=torch.float64)
+    x = torch.stack(torch.meshgrid(g, g, indexing="xy"), -1).reshape(-1, 2)  # (n * n, 2)
+    tt = torch.full((len(x),), t, dtype=torch.float64)
+    f_real, f_gen = real(x, tt), gen(x, tt)
+    p_real, p_gen = real.log_marginal(x, tt).exp()[:, None], gen.log_marginal(x, tt).exp()[:, None]
+    toward = (p0.means[missed] - x) / (p0.means[missed] - x).norm(dim=1, keepdim=True)  # unit vectors to the mode
+    out = {"x": x, "p_real": p_real[:, 0], "p_gen": p_gen[:, 0], "t": t, "drawn": p_gen[:, 0] > 1e-3 * p_gen.max()}
+    for name, (al, be) in {"data-free UID": (1.0, 1.0), "RealUID": (args.alpha, args.beta)}.items():
+        push = (be * p_gen * f_gen + (1 - be) * p_real * f_real) / (al * p_gen + (1 - al) * p_real) - f_real  # Eq. (22)
+        out[name] = push
+        out[name + " pull"] = float((p_gen[:, 0] * (push * toward).sum(1)).sum() / p_gen.sum())  # E_gen <push, toward>
+    return out
+
+
+# ---- output
+def save_atomic(path, write):
+    """write(file object) into path + '.tmp', then rename: a failed write leaves the old file intact."""
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as fh:
+            write(fh)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f"could not write {path}: {e.strerror or e} (nothing was replaced)")
+
+
+def plot(args, runs, summary, fh):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"data-free UID": "tab:blue", "RealUID": "tab:red"}
+    first, p0 = runs[0], mixture(args.modes)
+    panels = ["real", "teacher", *first["curves"]]
+    fig = plt.figure(figsize=(16, 8.4))
+    grid = fig.add_gridspec(2, 4)
+    for j, name in enumerate(panels):
+        ax, x = fig.add_subplot(grid[0, j]), first["samples"][name][:2000]
+        if name != "real":
+            ax.scatter(*first["samples"]["real"][:2000].T, s=2, c="0.8")
+        ax.scatter(*x.T, s=2, alpha=0.6, c=colors.get(name, "k" if name == "real" else "tab:green"))
+        s = summary[name]
+        nfe = {"real": "", "teacher": f", NFE {args.nfe}"}.get(name, ", NFE 1")
+        ax.set_title(f"{name}{nfe}\nenergy {s['energy'][0]:.4f}, mode-weight error {s['mode_tv'][0]:.3f}"
+                     + (f"\n(mean of {len(runs)} seeds; seed {first['seed']} shown)" if len(runs) > 1 else ""), fontsize=9)
+        ax.set_xlim(-4.5, 4.5), ax.set_ylim(-4.5, 4.5), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+
+    ax = fig.add_subplot(grid[1, :2])  # convergence: the paper's claim is about speed
+    for name, c in colors.items():
+        if name in first["curves"]:
+            steps = [s for s, _ in first["curves"][name]]
+            e = np.array([[v for _, v in r["curves"][name]] for r in runs])
+            ax.plot(steps, e.mean(0), "o-", ms=2, c=c, label=f"{name} (EMA), mean of {len(runs)} seed(s)")
+            if len(runs) > 1:
+                ax.fill_between(steps, e.mean(0) - e.std(0, ddof=1), e.mean(0) + e.std(0, ddof=1), color=c, alpha=0.2)
+    for key, style, label in [("generator at init", "-.", "generator at initialisation"),
+                              ("teacher", "--", f"teacher (NFE {args.nfe})"), ("real", ":", "real vs real (floor)")]:
+        ax.axhline(np.mean([r["levels"][key] for r in runs]), ls=style, c="k", lw=1, label=label)
+    ax.set_yscale("log"), ax.set_xlabel("generator step"), ax.set_ylabel("energy distance to held-out data")
+    ax.set_title("distance to the data during distillation" + (" (bands: +- sd over seeds)" if len(runs) > 1 else ""),
+                 fontsize=9)
+    ax.legend(fontsize=8)
+
+    arrows, dens = eq22_push(args), eq22_push(args, n=81)
+    grid_xy = [dens["x"][:, i].reshape(81, 81) for i in (0, 1)]
+    scale = float((arrows["RealUID"] * arrows["p_gen"][:, None]).norm(dim=1).max()) * 6  # one scale for both panels
+    for j, name in enumerate(["data-free UID", "RealUID"]):
+        ax = fig.add_subplot(grid[1, 2 + j])
+        ax.contourf(*grid_xy, dens["p_gen"].reshape(81, 81), levels=np.linspace(0.02, 1, 6) * float(dens["p_gen"].max()),
+                    cmap="Oranges", alpha=0.6)
+        ax.contour(*grid_xy, dens["p_real"].reshape(81, 81), levels=np.linspace(0.1, 1, 5) * float(dens["p_real"].max()),
+                   colors="k", linewidths=0.6)
+        force = arrows[name] * arrows["p_gen"][:, None]  # the push weighted by the generator's density at t
+        x, v = arrows["x"][arrows["drawn"]], force[arrows["drawn"]]
+        ax.quiver(x[:, 0], x[:, 1], v[:, 0], v[:, 1], color=colors[name], scale=scale, width=0.006)
+        ab = "alpha = beta = 1" if name == "data-free UID" else f"alpha {args.alpha}, beta {args.beta}"
+        ax.set_title(f"{name} ({ab}): p_gen (f_opt - f*), Eq. (22)\nexact, t = {arrows['t']}; mean pull toward the "
+                     f"missed mode {arrows[name + ' pull']:+.4f}", fontsize=8)
+        ax.set_xlim(-4, 4), ax.set_ylim(-4, 4), ax.set_aspect("equal"), ax.set_xticks([]), ax.set_yticks([])
+    fig.suptitle(f"RealUID on a 2-D mixture: {args.path}, teacher {args.teacher}, error {args.teacher_error}, "
+                 f"alpha {args.alpha}, beta {args.beta}" + (f", gamma {args.gamma}" if args.gamma is not None else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(fh, format="png", dpi=100)
+    plt.close(fig)
+
+
+def report(args, runs, summary):
+    n = len(runs)
+    print(f"\n{args.path}, teacher {args.teacher} (error {args.teacher_error}), {n} seed(s), {args.n_eval} samples: "
+          f"energy distance and W2 to fresh real data, share near a mode, mode-weight error (mean +- sd over seeds)")
+    print(f"{'model':18s} {'energy':>16s} {'W2':>16s} {'near':>16s} {'mode error':>16s}")
+    for model, s in summary.items():
+        if model != "RealUID - data-free":
+            print(f"{model:18s} " + " ".join(f"{s[m][0]:.4f} +- {s[m][1]:.4f}" for m in ("energy", "w2", "near_mode",
+                                                                                          "mode_tv")))
+    if "RealUID - data-free" in summary:
+        print("RealUID - data-free (paired, mean +- standard error; seeds where RealUID is lower):")
+        for m, d in summary["RealUID - data-free"].items():
+            print(f"  {m:24s} {d['mean']:+.4f} +- {d['se']:.4f}   lower in {d['lower_in']} of {d['seeds']}")
+
+
+def main(argv=None):
+    args = parse(sys.argv[1:] if argv is None else argv)
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    runs = [run_seed(args, args.seed + i) for i in range(args.seeds)]
+    summary = summarise(runs)
+    report(args, runs, summary)
+    keep = ("seed", "table", "curves", "levels")
+    save_atomic(os.path.join(args.out, "results.json"), lambda fh: fh.write(json.dumps(
+        {"args": vars(args), "summary": summary, "seeds": [{k: r[k] for k in keep} for r in runs],
+         "seconds": time.perf_counter() - start}, indent=1).encode()))
+    first = runs[0]
+    arrays = {k.replace(" ", "_").replace("-", "_"): v.numpy() for k, v in first["samples"].items()}
+    if args.path == "bridge":
+        arrays["x1"] = first["x1"].numpy()
+    save_atomic(os.path.join(args.out, "samples.npz"), lambda fh: np.savez(fh, **arrays))
+    png = os.path.join(args.out, f"toy2d_{args.path}.png")
+    save_atomic(png, lambda fh: plot(args, runs, summary, fh))
+    print(f"wrote {png}, results.json, samples.npz ({time.perf_counter() - start:.0f} s)")
+    return runs, summary
+
+
+if __name__ == "__main__":
+    main()
