@@ -5,6 +5,7 @@ Every network is called as net(x, t) with t a float tensor of shape (B,) in [0, 
 input features; paths.py concatenates it, so the networks need not know about it.
 """
 import math
+import re
 
 import torch
 import torch.nn as nn
@@ -237,6 +238,18 @@ def from_torchcfm(state_dict, **unet):
                          f"{unknown[:3]}, {len(missing)} missing (our names) {missing[:3]}, "
                          f"{len(misshapen)} misshapen {misshapen[:3]}")
     return config, ours
+
+
+def to_torchcfm(state_dict):
+    """UNet state_dict -> torchcfm's names: from_torchcfm's inverse (tests write authors'-style files with it)."""
+    theirs = {}
+    for key, value in state_dict.items():
+        if re.fullmatch(r"down\.[1-9]\d*\.0\.(weight|bias)", key):  # a stride-2 conv: torchcfm's Downsample.op
+            key = key.replace(".0.", ".0.op.")
+        for old, new in reversed(TORCHCFM_NAMES[:-1]):
+            key = key.replace(new, old)
+        theirs[key] = value
+    return theirs
 
 
 def authors_kind(ckpt):

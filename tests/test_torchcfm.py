@@ -104,3 +104,19 @@ def test_load_authors_refuses_other_files():
     assert nets.authors_kind({"kind": "teacher", "ema": {}}) is None
     with pytest.raises(ValueError, match="net_model and ema_models"):
         nets.load_authors({"kind": "teacher", "ema": {}})
+
+
+def same(a, b):
+    """The same names in the same order, holding the same tensors."""
+    return list(a) == list(b) and all(a[k] is b[k] for k in a)
+
+
+def test_to_torchcfm_is_the_inverse_of_from_torchcfm():
+    # both ways round: the fixture's real torchcfm names, and our presets (how tests make authors'-style files)
+    theirs = weights_of("cond")
+    assert same(nets.to_torchcfm(nets.from_torchcfm(theirs, **UNET)[1]), theirs)
+    for preset in ("tiny", "paper"):
+        with torch.device("meta"):
+            ours = nets.UNet(**nets.UNET_PRESETS[preset], num_classes=10).state_dict()
+        config, back = nets.from_torchcfm(nets.to_torchcfm(ours), **nets.UNET_PRESETS[preset])
+        assert same(back, ours) and config["num_classes"] == 10
