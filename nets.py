@@ -207,7 +207,7 @@ TORCHCFM_NAMES = [  # (torchcfm's name part, ours), applied in this order to eve
     (".emb_layers.1.", ".emb."), (".out_layers.0.", ".norm2."), (".out_layers.3.", ".conv2."),
     (".skip_connection.", ".skip."), (".proj_out.", ".proj."), (".op.", "."),  # op: the stride-2 conv
 ]
-GAN_HEAD = "cls_pred_branch."  # the authors' discriminator head on the fake model: not part of the U-Net
+GAN_HEAD = "cls_pred_branch."  # the authors' GAN head: on every network of theirs, used only by the fake model
 
 
 def from_torchcfm(state_dict, **unet):
