@@ -11,7 +11,7 @@
 | f_t(x_t|x0)  | c = target    | (B, *D)   | conditional target, affine in x0 (Eq. 3), `target`            |
 | f            | f(x, t)       | callable  | matching model: teacher f_star, fake f_fake, or ExactField     |
 | z            | z             | (B, *D)   | generator latent, N(0, I)                                      |
-| G_theta      | generate(g, z)| (B, *D)   | one-step generator parametrisation, Sec. 3                     |
+| G_theta      | generate(g, z)| (B, *D)   | one-step generator, initialised from the teacher's weights     |
 
 Each family writes x_t (`draw`) and c (`target`) as one formula line with its equation number;
 both are linear in (x0, x1, z) with scalar coefficients of t, which is all `ExactField` assumes.
@@ -57,7 +57,7 @@ class Path:
         return x
 
     def generate(self, g, z, x1=None):
-        """G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si), Sec. 3."""
+        """One-step generator G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si)."""
         return z - self.field(g, z, torch.ones(len(z), device=z.device), x1)
 
 
@@ -112,7 +112,7 @@ class Diffusion(Path):
         return x
 
     def generate(self, g, z, x1=None):
-        """SiD, Sec. 3: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
+        """One-step generator as in SiD: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
         t = torch.full((len(z),), self.t_gen, device=z.device)
         a, s = self.alpha_sigma(t[0])
         x = s * z
@@ -152,7 +152,7 @@ class Bridge(Path):
         return x
 
     def generate(self, g, z, x1=None):
-        """Sec. 3: G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
+        """One-step generator G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
         t = torch.full((len(z),), self.t_gen, device=z.device)
         x = x1 + math.sqrt(self.eps * self.t_gen * (1 - self.t_gen)) * z
         return self.field(g, x, t, x1)

@@ -2,7 +2,7 @@
 parameter id (`fm_eq2`, `diffusion_eq1`, `bridge_eq41`, `si_eq42`): `pytest -k bridge` selects the
 bridge's, `-k "draw or target"` every family's x_t and c. References are oracles: endpoints, d x_t / dt
 by torch.func.jvp, quadrature, a Monte Carlo Brownian motion, Gaussian conditioning by hand (numpy),
-the paper's 1-D flow-matching formula, scipy; the exact mixture field is checked before it serves."""
+the 1-D Gaussian flow-matching closed form, scipy; the exact mixture field is checked before it serves."""
 import math
 
 import numpy as np
@@ -129,8 +129,8 @@ def test_sample_t_stays_in_range():
     assert t.min() >= 0 and t.max() <= 1 and abs(float(t.mean()) - 0.5) < 0.02
 
 
-def test_exact_field_fm_eq2_matches_the_papers_1d_gaussian_formula():
-    """PAPER.md Sec. 2: for p0 = N(mu, 1), u_t(x) = -mu + (2t - 1)(x - (1 - t) mu) / ((1 - t)^2 + t^2)."""
+def test_exact_field_fm_eq2_matches_the_1d_gaussian_closed_form():
+    """The closed form for p0 = N(mu, 1) in 1-D: u_t(x) = -mu + (2t - 1)(x - (1 - t) mu) / ((1 - t)^2 + t^2)."""
     mu = -2.0
     p0 = paths.GaussianMixture([[mu]], [[[1.0]]], [1.0])
     f = paths.ExactField(paths.FlowMatching(), paths.independent(p0, paths.GaussianMixture.standard(1)))
@@ -167,7 +167,7 @@ def test_sample_with_the_exact_field_reproduces_the_mixture(name):
 
 @pytest.mark.parametrize("name", families("fm", "si"))
 def test_generate_one_euler_step_from_the_exact_teacher_returns_the_data_mean(name):
-    """Sec. 3: G(x1) = x1 - f*(x1, 1) = E[x0], since x_1 = x1 carries no information on x0."""
+    """G(x1) = x1 - f*(x1, 1) = E[x0], since x_1 = x1 carries no information on x0."""
     path, joint = setup(name)
     z = joint.sample(50)[:, D:]  # z ~ p1
     out = path.generate(paths.ExactField(path, joint), z)
@@ -179,7 +179,7 @@ def one_d(mu, v):
 
 
 def test_generate_diffusion_eq1_from_the_exact_teacher_is_the_posterior_mean_at_sigma_2_5():
-    """Sec. 3 (SiD): x = s z at t_g, G(z) = E[x0 | x_t = x]; for p0 = N(mu, v) in 1-D that is
+    """SiD: x = s z at t_g, G(z) = E[x0 | x_t = x]; for p0 = N(mu, v) in 1-D that is
     mu + a v (x - a mu) / (a^2 v + s^2)."""
     mu, v = 1.5, 0.4
     path = paths.Diffusion()
@@ -191,7 +191,7 @@ def test_generate_diffusion_eq1_from_the_exact_teacher_is_the_posterior_mean_at_
 
 
 def test_generate_bridge_eq41_from_the_exact_teacher_is_the_posterior_mean_given_x1():
-    """Sec. 3: x = x1 + sqrt(eps t_g (1 - t_g)) z, G(z, x1) = E[x0 | x_t = x, x1]. For x0 ~ N(mu, v),
+    """x = x1 + sqrt(eps t_g (1 - t_g)) z, G(z, x1) = E[x0 | x_t = x, x1]. For x0 ~ N(mu, v),
     x1 = x0 + sigma n in 1-D, condition the Gaussian (x0, x_t, x1) by hand (numpy)."""
     mu, v, sigma = 1.0, 0.5, 0.8
     path = paths.Bridge(eps=0.5, t_gen=0.5)
