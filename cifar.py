@@ -39,7 +39,7 @@ import paths
 CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 NUM_CLASSES = 10
-PRECISION = "bf16: bf16 autocast for teacher updates, fake-model updates and G's forward in generator updates; " \
+PRECISION = "bf16: bf16 autocast for the update of train, or fake-model updates and G's forward in generator updates; " \
             "fp32: none. f* and f in generator updates, sampling and FID are float32 (TF32 off) either way"
 
 
@@ -49,25 +49,25 @@ def parse(argv=None):
     base.add_argument("--device", default="cuda", help="cuda (real runs) or cpu (smoke runs)")
     base.add_argument("--seed", type=int, default=0, help="seed of initialisation, noise and data order")
     data = argparse.ArgumentParser(add_help=False)
-    data.add_argument("--data-dir", default="data", help="where cifar-10-python.tar.gz is (or is downloaded to), and the FID reference cache")
-    data.add_argument("--data-tarball", default=None, help="a local tarball in the CIFAR-10 python layout instead of data-dir's")
-    data.add_argument("--md5", default=CIFAR_MD5, help="expected MD5 of the tarball (default: the official CIFAR-10's); 'none' skips the check")
-    data.add_argument("--inception-weights", default=None, help="FID Inception weight file (default: download pytorch-fid's); 'random' for tests")
-    data.add_argument("--fid-ref", default=None, help="reference FID statistics .npz (mu, sigma); default: the training images', cached in --data-dir")
+    data.add_argument("--data-dir", default="data", help="home of cifar-10-python.tar.gz (downloaded if missing) and the FID cache")
+    data.add_argument("--data-tarball", default=None, help="a local tarball in the CIFAR-10 python layout")
+    data.add_argument("--md5", default=CIFAR_MD5, help="the tarball's MD5 (default: CIFAR-10's); 'none' skips the check")
+    data.add_argument("--inception-weights", default=None, help="FID Inception weights (default: pytorch-fid's); 'random': tests")
+    data.add_argument("--fid-ref", default=None, help="reference FID stats .npz (mu, sigma); default: the training set's")
     data.add_argument("--fid-batch", type=int, default=500, help="images per batch when generating for FID")
     speed = argparse.ArgumentParser(add_help=False)
-    speed.add_argument("--precision", default=None, choices=["bf16", "fp32"], help=f"{PRECISION}. Default: bf16 on cuda, fp32 on cpu")
+    speed.add_argument("--precision", default=None, choices=["bf16", "fp32"], help=f"{PRECISION}. Default: bf16 on cuda")
     speed.add_argument("--compile", action="store_true", help="torch.compile the networks (CUDA)")
     run = argparse.ArgumentParser(add_help=False)  # the training commands
     run.add_argument("--out", required=True, help="run folder: ckpt.pt, metrics.jsonl, samples_*.png")
-    run.add_argument("--resume", action="store_true", help="continue exactly from OUT/ckpt.pt (nets, EMA, optimisers, step, RNG)")
+    run.add_argument("--resume", action="store_true", help="continue OUT/ckpt.pt exactly (nets, EMA, optimisers, step, RNG)")
     run.add_argument("--batch", type=int, default=256, help="batch size of every update")
     run.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping of every update (> 0)")
     run.add_argument("--ema", type=float, default=0.999, help="EMA decay of the weights that are sampled, in [0, 1)")
     run.add_argument("--log-every", type=int, default=100, help="steps between metrics.jsonl rows")
     run.add_argument("--sample-every", type=int, default=5000, help="steps between sample grids")
     run.add_argument("--ckpt-every", type=int, default=5000, help="steps between checkpoints (and at the end)")
-    run.add_argument("--fid-samples", type=int, default=10000, help="samples of the periodic FID (the fid command: 50k)")
+    run.add_argument("--fid-samples", type=int, default=10000, help="samples of the periodic FID (fid: 50k)")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
 
@@ -75,8 +75,8 @@ def parse(argv=None):
         p = sub.add_parser(name, parents=[base, speed] + ([data, run] if name == "train" else []),
                            help="train the flow-matching teacher f*, Eq. (3)" if name == "train" else
                            "updates per second of the teacher, fake and generator updates (random data), peak memory")
-        p.add_argument("--net", default="paper", choices=list(nets.UNET_PRESETS), help="U-Net preset (nets.UNET_PRESETS)")
-        p.add_argument("--cond", action="store_true", help="class-conditional (label embedding added to the time embedding)")
+        p.add_argument("--net", default="paper", choices=list(nets.UNET_PRESETS), help="U-Net preset")
+        p.add_argument("--cond", action="store_true", help="class-conditional (labels added to the time embedding)")
     p = sub.choices["train"]
     p.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate, betas (0.9, 0.999)")
     p.add_argument("--steps", type=int, default=400_000, help="teacher updates")
@@ -127,22 +127,16 @@ def parse(argv=None):
 
 
 def check_args(parser, args):
-    """Every number before any work: counts >= 1 (>= 0 where 0 means none), rates finite, Eq. (16)'s range."""
-    for name in ("steps", "batch", "fake_steps", "log_every", "sample_every", "ckpt_every", "fid_batch", "sample_steps",
-                 "n", "nrow", "iters"):
-        if getattr(args, name, 1) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be at least 1; got {getattr(args, name)}")
-    for name in ("warmup", "fid_every", "warmup_iters"):
-        if getattr(args, name, 0) < 0:
-            parser.error(f"--{name.replace('_', '-')} must be at least 0; got {getattr(args, name)}")
-    if getattr(args, "fid_samples", 2) < 2 or getattr(args, "n", 2) < 2 and args.cmd == "fid":
-        parser.error("an FID needs at least 2 samples (--fid-samples, --n)")
-    for name in ("lr", "clip"):
-        if not 0 < getattr(args, name, 1) < math.inf:
-            parser.error(f"--{name} must be positive and finite; got {getattr(args, name)}")
-    for name in ("ema", "dropout"):
-        if not 0 <= getattr(args, name, 0) < 1:
-            parser.error(f"--{name} must be in [0, 1); got {getattr(args, name)}")
+    """Every number before any work: counts (0 only where it means none; an FID needs 2 samples), rates, Eq. (16)."""
+    least = dict(steps=1, batch=1, fake_steps=1, log_every=1, sample_every=1, ckpt_every=1, fid_batch=1, sample_steps=1,
+                 n=2 if args.cmd == "fid" else 1, nrow=1, iters=1, fid_samples=2, warmup=0, fid_every=0, warmup_iters=0)
+    for name, low in least.items():
+        if getattr(args, name, low) < low:
+            parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
+    for name, low, high in (("lr", 0, math.inf), ("clip", 0, math.inf), ("ema", 0, 1), ("dropout", 0, 1)):
+        value = getattr(args, name, low + 0.5)
+        if not (low < value < high if high == math.inf else low <= value < high):
+            parser.error(f"--{name} must be in {'(0, inf)' if high == math.inf else '[0, 1)'}; got {value}")
     if hasattr(args, "alpha"):
         losses.check_alpha_beta(args.alpha, args.beta)
         if args.gamma is not None:
@@ -184,9 +178,11 @@ def teacher_update(step, f, f_ema, opt, x0, y, args):
     """Teacher update number `step`, Eq. (3), then the EMA. Returns the metrics row."""
     dev, path = x0.device, paths.FlowMatching()
     with autocast(args, dev):
-        x1 = torch.randn_like(x0)  # (B, 3, 32, 32), the noise end
+        x1 = torch.randn(x0.shape, device=dev).to(x0.dtype)  # (B, 3, 32, 32) noise end, drawn as in distill_update
         # Eq. (3) in the authors' units: squared error averaged over the 3 x 32 x 32 values (their F.mse_loss),
         # not summed, so that clip 1.0 and lr 2e-4 act as in App. D (a sum is 3072 times larger: always clipped).
+        # bf16 is harmless here: no difference of two networks is taken. Gradient vs float64 (tiny U-Net, random
+        # weights, batch 16): cosine 0.99997, relative error 0.007, against 0.14 from merely redrawing t and x1.
         loss = losses.um_loss(path, conditioned(f, y), x0, x1).mean() / x0[0].numel()
     if not torch.isfinite(loss):
         raise FloatingPointError(f"non-finite teacher loss {loss.item()} at step {step}")
@@ -264,23 +260,22 @@ def train(args):
     f_ema = copy.deepcopy(f).eval().requires_grad_(False)
     opt = torch.optim.Adam(f.parameters(), lr=args.lr, betas=(0.9, 0.999), fused=dev.type == "cuda")
     data_gen, start, log, fid_tools = begin_run(args, dev, "teacher", {"net": f, "ema": f_ema, "opt": opt})
-    grid_z, grid_y = grid_noise(args.cond, dev)
+    sample_fn = lambda z, y: path.sample(conditioned(f_ema, y), z, args.sample_steps)  # noqa: E731 (grids, FID)
     tic = time.time()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="teacher"):
         x0, y = real_batch(images, labels, args.batch, data_gen, dev)
         row = teacher_update(step, f, f_ema, opt, x0, y if args.cond else None, args)
         done = step + 1
         if fid_tools and done % args.fid_every == 0:
-            row["fid"] = fid_of(sampler(path, f_ema, "teacher", args.sample_steps), args.fid_samples, args, args.cond,
-                                dev, *fid_tools)
+            row["fid"] = fid_of(sample_fn, args.fid_samples, args, args.cond, dev, *fid_tools)
         if "fid" in row or done % args.log_every == 0 or done == args.steps:
             log_row(log, dict(step=done, **row, sec_per_step=(time.time() - tic) / (done - start)))
         if done % args.ckpt_every == 0 or done == args.steps:
             save_ckpt(os.path.join(args.out, "ckpt.pt"), {"kind": "teacher", "args": vars(args), "step": done, "unet": unet,
                       "net": f.state_dict(), "ema": f_ema.state_dict(), "opt": opt.state_dict(), "rng": rng_state(data_gen)})
-        if done % args.sample_every == 0 or done == args.steps:
-            save_grid(os.path.join(args.out, f"samples_{done:07d}.png"), fid.to_uint8(path.sample(
-                conditioned(f_ema, grid_y), grid_z, args.sample_steps)))
+        if done % args.sample_every == 0 or done == args.steps:  # fixed noise; conditional: column k = class k
+            save_grid(os.path.join(args.out, f"samples_{done:07d}.png"),
+                      next(generate_uint8(sample_fn, 100, 100, args.cond, dev, seed=1)))
 
 
 def distill(args):
@@ -303,14 +298,14 @@ def distill(args):
                        for net in (G, f_fake))
     data_gen, start, log, fid_tools = begin_run(args, dev, "generator", {
         "G": G, "G_ema": G_ema, "f_fake": f_fake, "opt_G": opt_G, "opt_fake": opt_fake})
-    grid_z, grid_y = grid_noise(cond, dev)
+    sample_fn = lambda z, y: path.generate(conditioned(G_ema, y), z)  # noqa: E731 (grids, FID)
     row, tic = {}, time.time()
     for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc="distill"):
         x0_real, y = real_batch(images, labels, args.batch, data_gen, dev)  # the generator update uses only y
         row.update(distill_update(step, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0_real, y if cond else None, args))
         done = step + 1
         if fid_tools and done % args.fid_every == 0:
-            row["fid"] = fid_of(sampler(path, G_ema, "generator", 1), args.fid_samples, args, cond, dev, *fid_tools)
+            row["fid"] = fid_of(sample_fn, args.fid_samples, args, cond, dev, *fid_tools)
         if "fid" in row or done % args.log_every == 0 or done == args.steps:
             log_row(log, dict(step=done, generator_updates=done // (args.fake_steps + 1), **row,
                               sec_per_step=(time.time() - tic) / (done - start)))
@@ -319,17 +314,16 @@ def distill(args):
             save_ckpt(os.path.join(args.out, "ckpt.pt"), {"kind": "generator", "args": vars(args), "step": done,
                       "unet": unet, "G": G.state_dict(), "G_ema": G_ema.state_dict(), "f_fake": f_fake.state_dict(),
                       "opt_G": opt_G.state_dict(), "opt_fake": opt_fake.state_dict(), "rng": rng_state(data_gen)})
-        if done % args.sample_every == 0 or done == args.steps:
-            save_grid(os.path.join(args.out, f"samples_{done:07d}.png"),
-                      fid.to_uint8(path.generate(conditioned(G_ema, grid_y), grid_z)))
+        if done % args.sample_every == 0 or done == args.steps:  # fixed noise; conditional: column k = class k
+            save_grid(os.path.join(args.out, f"samples_{done:07d}.png"), next(generate_uint8(sample_fn, 100, 100, cond, dev, seed=1)))
 
 
 def sample(args):
     dev = setup(args)
-    if os.path.abspath(args.png) == os.path.abspath(args.ckpt):
-        raise SystemExit(f"--png {args.png} is the checkpoint itself; choose another file")
+    if os.path.abspath(args.png) == os.path.abspath(args.ckpt) or not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
+        raise SystemExit(f"--png {args.png}: the checkpoint itself, or in a folder that does not exist")
     sample_fn, cond = load_sampler(args, dev)
-    save_grid(args.png, torch.cat(list(generate_uint8(sample_fn, args.n, args.n, cond, dev, args.seed))), args.nrow)
+    save_grid(args.png, next(generate_uint8(sample_fn, args.n, args.n, cond, dev, args.seed)), args.nrow)
     print(f"wrote {args.png} ({args.n} samples{', column k = class k' if cond and args.nrow == 10 else ''})")
 
 
@@ -350,40 +344,32 @@ def fid_command(args):
 
 
 def bench(args):
-    """Updates per second of teacher_update and distill_update (the code train and distill run), random data."""
-    dev = setup(args)
-    unet = dict(nets.UNET_PRESETS[args.net], dropout=0.0, num_classes=NUM_CLASSES if args.cond else 0)
+    """Updates per second of teacher_update and distill_update (the code train and distill run) on random data."""
+    dev, K, adam = setup(args), args.fake_steps, lambda m, b1: torch.optim.Adam(m.parameters(), lr=args.lr,
+                                                                              betas=(b1, 0.999), fused=dev.type == "cuda")
+    unet = dict(nets.UNET_PRESETS[args.net], num_classes=NUM_CLASSES if args.cond else 0)
     teacher, f_star, G, f_fake = (make_net(dict(unet, dropout=d), dev, args) for d in (args.dropout, 0, 0, 0))
-    teacher_ema, G_ema = (copy.deepcopy(m).requires_grad_(False) for m in (teacher, G))
-    f_star.requires_grad_(False)
-    opt_t = torch.optim.Adam(teacher.parameters(), lr=args.lr, betas=(0.9, 0.999), fused=dev.type == "cuda")
-    opt_G, opt_fake = (torch.optim.Adam(m.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=dev.type == "cuda")
-                       for m in (G, f_fake))
+    teacher_ema, G_ema = copy.deepcopy(teacher).requires_grad_(False), copy.deepcopy(G).requires_grad_(False)
+    opt_t, opt_G, opt_fake = adam(teacher, 0.9), adam(G, 0.0), adam(f_fake.requires_grad_(True), 0.0)
     x0 = torch.rand(args.batch, 3, 32, 32, device=dev) * 2 - 1  # (B, 3, 32, 32)
     y = torch.randint(NUM_CLASSES, (args.batch,), device=dev) if args.cond else None
-    K = args.fake_steps
     updates = {"teacher": lambda: teacher_update(0, teacher, teacher_ema, opt_t, x0, y, args),
-               "fake": lambda: distill_update(0, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0, y, args),
+               "fake": lambda: distill_update(0, G, G_ema, f_star.requires_grad_(False), f_fake, opt_G, opt_fake, x0, y, args),
                "generator": lambda: distill_update(K, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0, y, args)}
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu, {torch.get_num_threads()} threads",
               "net": args.net, "params_M": round(sum(p.numel() for p in G.parameters()) / 1e6, 2), "batch": args.batch,
               "precision": args.precision, "compile": args.compile}
     for name, update in updates.items():
-        for _ in range(args.warmup_iters):
+        for i in range(args.warmup_iters + args.iters):
+            if i == args.warmup_iters:  # the timed updates start
+                torch.cuda.synchronize() if dev.type == "cuda" else None
+                tic = time.time()
             update()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-        tic = time.time()
-        for _ in range(args.iters):
-            update()
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+        torch.cuda.synchronize() if dev.type == "cuda" else None
         result[f"{name}_it_per_s"] = round(args.iters / (time.time() - tic), 3)
-        peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        result[f"{name}_peak_GiB"] = round(peak / 2 ** 30, 2)  # CPU: peak resident memory of the process so far
-    # one distillation iteration = K fake updates + 1 generator update
     result["distill_iteration_per_s"] = round(1 / (K / result["fake_it_per_s"] + 1 / result["generator_it_per_s"]), 3)
+    peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    result["peak_GiB"] = round(peak / 2 ** (30 if dev.type == "cuda" else 20), 2)  # CPU: the process's peak RSS (KiB)
     print(json.dumps(result))
     return result
 
@@ -437,7 +423,8 @@ def load_ckpt(path, kind, dev="cpu"):
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path}: not a {kind or 'cifar.py'} checkpoint (kind {found!r})")
     unet = ckpt.get("unet")
-    shape = {k: v for k, v in unet.items() if k not in ("dropout", "num_classes")} if isinstance(unet, dict) else None
+    shape = {k: v for k, v in unet.items() if k not in ("dropout", "num_classes", "authors_time")} \
+        if isinstance(unet, dict) else None
     if shape not in list(nets.UNET_PRESETS.values()) or unet.get("num_classes") not in (0, NUM_CLASSES) \
             or not 0 <= unet.get("dropout", -1) < 1:
         raise SystemExit(f"{path}: its U-Net config {unet} is none of nets.UNET_PRESETS; refusing to build it")
@@ -449,14 +436,10 @@ def load_sampler(args, dev):
     ckpt = load_ckpt(args.ckpt, None, dev)
     net = make_net(ckpt["unet"], dev, args).eval().requires_grad_(False)
     net.load_state_dict(ckpt["ema"] if ckpt["kind"] == "teacher" else ckpt["G_ema"])
-    return sampler(paths.FlowMatching(), net, ckpt["kind"], args.steps), ckpt["unet"]["num_classes"] > 0
-
-
-def sampler(path, net, kind, steps):
-    """(z, y) -> images: one step G(z) for a generator, `steps` Euler steps from t = 1 for a teacher."""
-    if kind == "generator":
-        return lambda z, y: path.generate(conditioned(net, y), z)
-    return lambda z, y: path.sample(conditioned(net, y), z, steps)
+    path, steps = paths.FlowMatching(), args.steps
+    if ckpt["kind"] == "generator":  # one step G(z); a teacher: `steps` Euler steps from t = 1
+        return (lambda z, y: path.generate(conditioned(net, y), z)), ckpt["unet"]["num_classes"] > 0
+    return (lambda z, y: path.sample(conditioned(net, y), z, steps)), ckpt["unet"]["num_classes"] > 0
 
 
 @torch.no_grad()
@@ -468,12 +451,6 @@ def generate_uint8(sample, n, batch, cond, dev, seed=0):
         z = torch.randn(b, 3, 32, 32, generator=gen, device=dev)
         y = torch.arange(i, i + b, device=dev) % NUM_CLASSES if cond else None
         yield fid.to_uint8(sample(z, y).float()).cpu()
-
-
-def grid_noise(cond, dev):
-    """Fixed noise of the sample grids (100 images) and, when conditional, labels with column k = class k."""
-    z = torch.randn(100, 3, 32, 32, generator=torch.Generator().manual_seed(1)).to(dev)
-    return z, torch.arange(100, device=dev) % NUM_CLASSES if cond else None
 
 
 def inception_and_reference(args, dev):
@@ -499,15 +476,18 @@ def fid_of(sample, n, args, cond, dev, inception, ref):
 
 
 def begin_run(args, dev, kind, state):
-    """(data RNG, start step, metrics log, periodic-FID tools). With --resume: restores `state` ({checkpoint key: module or optimiser}), the RNG and the step, and drops the log
-    rows of the steps after the checkpoint (they are run again)."""
+    """(data RNG, start step, metrics log, periodic-FID tools). With --resume: restores `state` ({checkpoint key:
+    module or optimiser}), the RNG and the step, and drops the log rows after the checkpoint (they are run again)."""
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     data_gen, start = torch.Generator().manual_seed(args.seed), 0
     if args.resume:
         ckpt = load_ckpt(ckpt_path, kind, dev)
         for key, m in state.items():
             m.load_state_dict(ckpt[key])
-        set_rng_state(ckpt["rng"], data_gen)
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        data_gen.set_state(ckpt["rng"]["data"])
+        if ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         start = ckpt["step"]
         rows = [line for line in open(log_path)] if os.path.exists(log_path) else []
         with open(log_path + ".tmp", "w") as f:
@@ -529,19 +509,9 @@ def rng_state(data_gen):
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
-def set_rng_state(state, data_gen):
-    torch.set_rng_state(state["torch"])
-    data_gen.set_state(state["data"])
-    if state["cuda"]:
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
 def md5sum(path):
-    h = hashlib.md5()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "md5").hexdigest()
 
 
 def fetch(data_dir, tarball=None, md5=CIFAR_MD5):
@@ -619,30 +589,23 @@ def real_batch(images, labels, n, gen, dev):
     return x0.contiguous(memory_format=torch.channels_last) if dev.type == "cuda" else x0, labels[i].to(dev)
 
 
-def write_png(path, img):
-    """img (H, W, 3) uint8 numpy -> an 8-bit RGB PNG, written atomically."""
-    h, w, _ = img.shape
-
-    def chunk(tag, data):
-        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
-
-    rows = b"".join(b"\x00" + img[r].tobytes() for r in range(h))  # filter type 0 before each row
-    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-           + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
-    with open(path + ".tmp", "wb") as f:
-        f.write(png)
-    os.replace(path + ".tmp", path)
-
-
 def save_grid(path, images, nrow=10, pad=2):
-    """images (B, 3, H, W) uint8 -> a PNG grid of nrow columns with pad-pixel black borders."""
+    """images (B, 3, H, W) uint8 -> an 8-bit RGB PNG grid of nrow columns, pad-pixel black borders; atomic."""
     u8 = images.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
     B, H, W, _ = u8.shape
     grid = np.zeros((pad + -(-B // nrow) * (H + pad), pad + nrow * (W + pad), 3), np.uint8)
     for k in range(B):
         top, left = pad + (k // nrow) * (H + pad), pad + (k % nrow) * (W + pad)
         grid[top:top + H, left:left + W] = u8[k]
-    write_png(path, grid)
+
+    def chunk(tag, data):
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    rows = b"".join(b"\x00" + row.tobytes() for row in grid)  # filter type 0 before each row
+    with open(path + ".tmp", "wb") as f:
+        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", grid.shape[1], grid.shape[0], 8, 2, 0, 0, 0))
+                + chunk(b"IDAT", zlib.compress(rows, 9)) + chunk(b"IEND", b""))
+    os.replace(path + ".tmp", path)
 
 
 if __name__ == "__main__":

@@ -382,3 +382,18 @@ def test_loader_names_a_truncated_archive(tmp_path):
     (tmp_path / "cut.tar.gz").write_bytes(open(tarball, "rb").read()[:300])
     with pytest.raises(ValueError, match="cut.tar.gz"):
         cifar.load_cifar(str(tmp_path / "cut.tar.gz"))
+
+
+def test_teacher_update_under_bf16_autocast_has_the_float64_gradient():
+    # No difference of two networks is taken here (the target x1 - x0 is far from f), so bf16 may stay.
+    unet = dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0)
+    f = randomised(cifar.nets.UNet(**unet), 0)
+    x0 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    grads = []
+    for dtype, precision in ((torch.float64, "fp32"), (torch.float32, "bf16")):
+        net = copy.deepcopy(f).to(dtype)
+        torch.manual_seed(1)
+        cifar.teacher_update(0, net, copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=0.0), x0.to(dtype), None,
+                             distill_args(precision=precision))
+        grads.append(torch.cat([p.grad.flatten().double() for p in net.parameters()]))
+    assert torch.nn.functional.cosine_similarity(*grads, 0) >= 0.999
