@@ -93,8 +93,8 @@ def parse(argv=None):
         p.add_argument("--beta", type=float, default=0.94, help="beta of RealUM, Eq. (16); in (0, 1]; alpha = beta = 1 is data-free UID")
         p.add_argument("--gamma", type=float, default=None, help="use the general RealUID loss of App. A.2 with this gamma "
                        "(default: the losses of Eqs. (16)-(17), i.e. gamma = alpha)")
-        p.add_argument("--delta-beta", action="store_true", help="use the general loss of App. A.2 with delta = beta (f* - f) "
-                       "instead of f* - f (gamma = alpha unless --gamma)")
+        p.add_argument("--delta-beta", action="store_true", help="with --gamma: parametrise delta = beta (f* - f) instead "
+                       "of f* - f (App. A.2)")
         p.add_argument("--fake-steps", type=int, default=5, help="K, fake-model updates per generator update (paper: 5)")
         p.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate of G and f, betas (0, 0.999)")
         if name == "bench":
@@ -137,6 +137,8 @@ def check_args(parser, args):
         value = getattr(args, name, low + 0.5)
         if not (low < value < high if high == math.inf else low <= value < high):
             parser.error(f"--{name} must be in {'(0, inf)' if high == math.inf else '[0, 1)'}; got {value}")
+    if getattr(args, "delta_beta", False) and args.gamma is None:
+        parser.error("--delta-beta parametrises the general loss: give --gamma too (App. A.2)")
     if hasattr(args, "alpha"):
         losses.check_alpha_beta(args.alpha, args.beta)
         if args.gamma is not None:
@@ -201,8 +203,7 @@ def distill_update(step, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0_real, y, 
     updates the generator, Eq. (17) (then its EMA). Returns the metrics row of the updated network."""
     dev, path, K = x0_real.device, paths.FlowMatching(), args.fake_steps
     alpha, beta = args.alpha, args.beta
-    general = args.gamma is not None or args.delta_beta  # App. A.2 instead of Eqs. (16)-(17)
-    gamma, delta_scale = (alpha if args.gamma is None else args.gamma), (beta if args.delta_beta else 1.0)
+    gamma, delta_scale = args.gamma, (beta if args.delta_beta else 1.0)  # the general loss of App. A.2, if gamma
     # x1: the path's noise end; z: the generator's input. Drawn in float32 whatever x0's dtype, so that a
     # float64 reference (the tests) sees the same draws.
     x1, z = (torch.randn(x0_real.shape, device=dev).to(x0_real.dtype) for _ in range(2))
@@ -211,7 +212,7 @@ def distill_update(step, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0_real, y, 
         with autocast(args, dev):
             with torch.no_grad():  # generated images are plain data for the fake update: no graph into G
                 x0_gen = path.generate(conditioned(G, y), z)
-            if general:
+            if gamma is not None:
                 loss = losses.general_fake_loss(path, conditioned(f_star, y), conditioned(f_fake, y), x0_gen, x0_real,
                                                 x1, alpha, beta, gamma, delta_scale).mean()
             else:
@@ -226,7 +227,7 @@ def distill_update(step, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0_real, y, 
         # 0.63, 0.19 (late in training f ~ f*: G would follow rounding noise); G's forward in bf16, f* and f in
         # float32 0.99998 at each gap. (Fake-model update in bf16: 0.9997 or more; no difference is taken.)
         with torch.autocast(dev.type, enabled=False), losses.frozen(f_star, f_fake):
-            if general:
+            if gamma is not None:
                 loss = losses.general_generator_loss(path, conditioned(f_star, y), conditioned(f_fake, y), x0_gen, x1,
                                                      alpha, beta, gamma, delta_scale).mean()
             else:

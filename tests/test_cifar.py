@@ -340,11 +340,11 @@ def test_non_finite_weights_are_never_saved(data, teacher, tmp_path, monkeypatch
 
 @pytest.mark.parametrize("flags", [["--steps", "0"], ["--batch", "-1"], ["--fake-steps", "0"], ["--ema", "1.5"],
                                    ["--ema", "nan"], ["--clip", "0"], ["--clip", "nan"], ["--lr", "inf"],
-                                   ["--log-every", "0"], ["--warmup", "-1"], ["--fid-samples", "1"]])
+                                   ["--log-every", "0"], ["--warmup", "-1"], ["--fid-samples", "1"], ["--delta-beta"]])
 def test_bad_numbers_are_refused_before_any_work(flags, capsys):
     with pytest.raises(SystemExit):
         cifar.parse(["distill", "--teacher", "missing.pt", "--out", "nowhere", *flags])
-    assert f"{flags[0]} must be" in capsys.readouterr().err or flags[0] == "--fid-samples"
+    assert f"{flags[0]} must be" in capsys.readouterr().err or flags[0] in ("--fid-samples", "--delta-beta")
 
 
 @pytest.mark.parametrize("cmd", [["sample", "--png", "x.png", "--steps", "0"], ["sample", "--png", "x.png", "--n", "0"],
