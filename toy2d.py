@@ -46,8 +46,8 @@ def parse(argv):
       "the exact field of the mixture with its mode weights reversed; E = 1 teaches the wrong weights")
     a("--modes", type=int, default=5, help="modes of p0* (radius 2.5, variance 0.15, weights proportional to 5, ..., 1)")
     a("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
-    a("--teacher-steps", type=int, default=3000, help="teacher training steps (Adam (0.9, 0.999))")
-    a("--steps", type=int, default=700, help="distillation: generator steps, each after K fake-model steps")
+    a("--teacher-steps", type=int, default=2000, help="teacher training steps (Adam (0.9, 0.999))")
+    a("--steps", type=int, default=1000, help="distillation: generator steps, each after K fake-model steps")
     a("--fake-steps", type=int, default=5, help="K, fake-model steps per generator step (paper: 5)")
     a("--fake-init", default="random", choices=["random", "teacher"], help="fake model f's initial weights")
     a("--batch", type=int, default=512, help="batch size of every step")
@@ -218,17 +218,16 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
             loss_f.backward()
             opt_f.step()
         _, x1 = pairs(joint, args.batch)  # the bridge's observations of real data; noise / source otherwise
-        with losses.frozen(f_fake):  # generator step: f and f* fixed, gradients reach theta via their inputs
-            x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
-            if args.gamma is None:  # Eq. (17)
-                loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta).mean()
-            else:  # App. A.2
-                loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
-                                                       scale).mean()
-            if not torch.isfinite(loss_g):
-                raise FloatingPointError(f"generator loss is {loss_g.item()} at generator step {it}: lower --lr")
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
+        # generator step: the losses hold f and f* fixed, gradients reach theta through their inputs
+        x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
+        if args.gamma is None:  # Eq. (17)
+            loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta).mean()
+        else:  # App. A.2
+            loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale).mean()
+        if not torch.isfinite(loss_g):
+            raise FloatingPointError(f"generator loss is {loss_g.item()} at generator step {it}: lower --lr")
+        opt_g.zero_grad(set_to_none=True)
+        loss_g.backward()
         opt_g.step()
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
@@ -279,9 +278,15 @@ def run_seed(args, seed):
             "x1": x1_test, "students": {k: G for k, (G, _) in students.items()}, "net": net, "path": path}
 
 
+def reach(curve, level):
+    """First generator step at which a distance curve is at or below `level` (the last step if never)."""
+    return next((s for s, e in curve if e <= level), curve[-1][0])
+
+
 def summarise(runs):
-    """Per model: mean and sd over seeds of each metric; RealUID - data-free: mean, standard error and
-    the number of seeds where RealUID is lower, at the end and averaged over the trajectory."""
+    """Per model: mean and sd over seeds of each metric. RealUID - data-free, paired by seed: mean, standard
+    error and the number of seeds where RealUID is lower, at the end, as the mean log10 distance over the
+    trajectory, and as the generator steps each student needs to reach the data-free student's final distance."""
     out = {}
     for model in runs[0]["table"]:
         out[model] = {m: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
@@ -289,8 +294,11 @@ def summarise(runs):
     if "RealUID" in runs[0]["table"]:
         diffs = {m: [r["table"]["RealUID"][m] - r["table"]["data-free UID"][m] for r in runs]
                  for m in ("energy", "w2", "near_mode", "mode_tv")}
-        diffs["energy over trajectory"] = [np.mean([e for _, e in r["curves"]["RealUID"][1:]]) -
-                                           np.mean([e for _, e in r["curves"]["data-free UID"][1:]]) for r in runs]
+        traj = lambda r, k: np.mean([math.log10(e) for _, e in r["curves"][k][1:]])  # noqa: E731
+        diffs["log10 energy, trajectory"] = [traj(r, "RealUID") - traj(r, "data-free UID") for r in runs]
+        diffs["steps to data-free end"] = [reach(r["curves"]["RealUID"], r["curves"]["data-free UID"][-1][1]) -
+                                           reach(r["curves"]["data-free UID"], r["curves"]["data-free UID"][-1][1])
+                                           for r in runs]
         se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
         out["RealUID - data-free"] = {m: {"mean": float(np.mean(v)), "se": se(v), "lower_in": int(np.sum(np.array(v) < 0)),
                                           "seeds": len(v)} for m, v in diffs.items()}
@@ -409,7 +417,7 @@ def report(args, runs, summary):
     if "RealUID - data-free" in summary:
         print("RealUID - data-free (paired, mean +- standard error; seeds where RealUID is lower):")
         for m, d in summary["RealUID - data-free"].items():
-            print(f"  {m:24s} {d['mean']:+.4f} +- {d['se']:.4f}   lower in {d['lower_in']} of {d['seeds']}")
+            print(f"  {m:26s} {d['mean']:+.4f} +- {d['se']:.4f}   lower in {d['lower_in']} of {d['seeds']}")
 
 
 def main(argv=None):
