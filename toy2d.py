@@ -352,7 +352,7 @@ def plot(args, runs, summary, fh):
     colors = {"data-free UID": "tab:blue", "RealUID": "tab:red"}
     first, p0 = runs[0], mixture(args.modes)
     panels = ["real", "teacher", *first["curves"]]
-    fig = plt.figure(figsize=(16, 8.4))
+    fig = plt.figure(figsize=(16, 9))
     grid = fig.add_gridspec(2, 4)
     for j, name in enumerate(panels):
         ax, x = fig.add_subplot(grid[0, j]), first["samples"][name][:2000]
@@ -375,7 +375,8 @@ def plot(args, runs, summary, fh):
                 ax.fill_between(steps, e.mean(0) - e.std(0, ddof=1), e.mean(0) + e.std(0, ddof=1), color=c, alpha=0.2)
     for key, style, label in [("generator at init", "-.", "generator at initialisation"),
                               ("teacher", "--", f"teacher (NFE {args.nfe})"), ("real", ":", "real vs real (floor)")]:
-        ax.axhline(np.mean([r["levels"][key] for r in runs]), ls=style, c="k", lw=1, label=label)
+        level = float(np.mean([r["levels"][key] for r in runs]))
+        ax.axhline(level, ls=style, c="k", lw=1, label=f"{label}: {level:.4f}")
     ax.set_yscale("log"), ax.set_xlabel("generator step"), ax.set_ylabel("energy distance to held-out data")
     ax.set_title("distance to the data during distillation" + (" (bands: +- sd over seeds)" if len(runs) > 1 else ""),
                  fontsize=9)
@@ -400,7 +401,7 @@ def plot(args, runs, summary, fh):
     fig.suptitle(f"RealUID on a 2-D mixture: {args.path}, teacher {args.teacher}, error {args.teacher_error}, "
                  f"alpha {args.alpha}, beta {args.beta}" + (f", gamma {args.gamma}" if args.gamma is not None else ""),
                  fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(h_pad=2.5, rect=(0, 0, 1, 0.97))
     fig.savefig(fh, format="png", dpi=100)
     plt.close(fig)
 
