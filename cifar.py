@@ -12,6 +12,7 @@ alternates K = 5 fake-model updates with one generator update, so its 500k steps
   python cifar.py fid      --ckpt runs/realuid/ckpt.pt
   python cifar.py bench
 Every command takes --device cpu (with --net small or tiny) for a smoke run without a GPU.
+--teacher, --generator and --ckpt also take the authors' released files (README, "The authors' checkpoints").
 """
 import argparse
 import copy
@@ -41,6 +42,8 @@ CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 NUM_CLASSES = 10
 PRECISION = "bf16: bf16 autocast for the update of train, or fake-model updates and G's forward in generator updates; " \
             "fp32: none. f* and f in generator updates, sampling and FID are float32 (TF32 off) either way"
+EMA_KEY = "the EMA decay (0.999, 0.9999) to read from the authors' torchcfm-layout file; may be left out when " \
+          "the file holds one; ignored for cifar.py checkpoints"
 
 
 # ============================================================================= settings
@@ -99,7 +102,10 @@ def parse(argv=None):
         p.add_argument("--lr", type=float, default=3e-5, help="Adam learning rate of G and f, betas (0, 0.999)")
         if name == "bench":
             continue
-        p.add_argument("--teacher", required=True, help="teacher checkpoint (train's ckpt.pt); its EMA weights are f*")
+        p.add_argument("--teacher", required=True, help="teacher checkpoint (train's ckpt.pt, or the authors' file); "
+                       "its EMA weights are f*")
+        p.add_argument("--ema-key", default=None, help=f"{EMA_KEY}: of every authors' file given")
+        p.add_argument("--teacher-ema-key", default=None, help="the teacher file's, where it differs (default: --ema-key)")
         p.add_argument("--steps", type=int, default=500_000, help="optimiser updates of either network: one generator "
                        "update after every K fake-model updates (500k = the paper's 500,000 gradient updates)")
         p.add_argument("--warmup", type=int, default=500, help="linear learning-rate warm-up of each network, in its own updates")
@@ -118,7 +124,9 @@ def parse(argv=None):
     for name in ("sample", "fid"):
         p = sub.add_parser(name, parents=[base] + ([data] if name == "fid" else []),
                            help="write a PNG grid of samples" if name == "sample" else "FID of a teacher (N steps) or a generator (1 step)")
-        p.add_argument("--ckpt", required=True, help="a teacher (train) or generator (distill, finetune) checkpoint")
+        p.add_argument("--ckpt", required=True, help="a teacher (train) or generator (distill, finetune) checkpoint, "
+                       "or the authors' file")
+        p.add_argument("--ema-key", default=None, help=EMA_KEY)
         p.add_argument("--steps", type=int, default=100, help="Euler steps (NFE) of a teacher; a generator takes one")
         p.add_argument("--n", type=int, default=100 if name == "sample" else 50_000, help="number of samples")
     sub.choices["sample"].add_argument("--png", required=True, help="output PNG")
@@ -283,14 +291,14 @@ def distill(args):
     """RealUID, Eqs. (16)-(17): K fake-model updates, then one generator update, `--steps` updates in all."""
     dev, path = setup(args), paths.FlowMatching()
     images, labels = load_cifar(args.tarball)
-    teacher = load_ckpt(args.teacher, "teacher", dev)
+    teacher = load_ckpt(args.teacher, "teacher", dev, args.teacher_ema_key or args.ema_key)
     unet = dict(teacher["unet"], dropout=0.0)  # no dropout in distillation
     cond = unet["num_classes"] > 0
     f_star = make_net(unet, dev, args)
     f_star.load_state_dict(teacher["ema"])
     f_star.eval().requires_grad_(False)  # the teacher is never trained
     G = make_net(unet, dev, args)  # generator G(z) = z - g(z, 1): the teacher's EMA weights (fine-tuning: a G_ema)
-    G.load_state_dict(load_ckpt(args.generator, "generator", dev)["G_ema"] if args.generator else teacher["ema"])
+    G.load_state_dict(load_ckpt(args.generator, "generator", dev, args.ema_key)["G_ema"] if args.generator else teacher["ema"])
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     f_fake = make_net(unet, dev, args)  # fake model f: random weights, or the teacher's
     if args.fake_init == "teacher":
@@ -414,12 +422,15 @@ def save_ckpt(path, ckpt):
     os.replace(path + ".tmp", path)
 
 
-def load_ckpt(path, kind, dev="cpu"):
-    """A checkpoint of this kind ('teacher', 'generator' or None for either), with a U-Net config of nets.py's presets."""
+def load_ckpt(path, kind, dev="cpu", ema_key=None):
+    """A checkpoint of this kind ('teacher', 'generator' or None for either), with a U-Net config of nets.py's presets.
+    The authors' files are read as one (ema_key: the EMA decay in it)."""
     try:
         ckpt = torch.load(path, map_location=dev, weights_only=True)
     except Exception as e:  # a missing, truncated or foreign file
         raise SystemExit(f"{path}: not a readable cifar.py checkpoint ({type(e).__name__}: {e})") from e
+    if nets.authors_kind(ckpt):
+        ckpt = authors_ckpt(path, ckpt, ema_key)
     if not isinstance(ckpt, dict) or ckpt.get("kind") not in ((kind,) if kind else ("teacher", "generator")):
         found = ckpt.get("kind") if isinstance(ckpt, dict) else type(ckpt).__name__
         raise SystemExit(f"{path}: not a {kind or 'cifar.py'} checkpoint (kind {found!r})")
@@ -432,9 +443,22 @@ def load_ckpt(path, kind, dev="cpu"):
     return ckpt
 
 
+def authors_ckpt(path, ckpt, ema_key):
+    """The authors' torchcfm-layout file (nets.load_authors) as a cifar.py checkpoint of its EMA network only:
+    a teacher's f* ("ema") or a generator's g ("G_ema"), G(z) = z - g(z, 1) = z + u(z, 0) in their convention."""
+    errors = []
+    for preset in nets.UNET_PRESETS.values():  # the preset of the file's shapes; "paper" for the authors' own
+        try:
+            kind, unet, weights = nets.load_authors(ckpt, ema_key, **preset)
+            return {"kind": kind, "unet": dict(unet, dropout=0.0), "ema" if kind == "teacher" else "G_ema": weights}
+        except ValueError as e:
+            errors.append(e)
+    raise SystemExit(f"{path} (the authors' file; --ema-key picks its EMA decay): {errors[0]}")  # paper preset's complaint
+
+
 def load_sampler(args, dev):
     """(sample(z, y), conditional?) of a checkpoint: a teacher's EMA with args.steps Euler steps, or G_ema."""
-    ckpt = load_ckpt(args.ckpt, None, dev)
+    ckpt = load_ckpt(args.ckpt, None, dev, args.ema_key)
     net = make_net(ckpt["unet"], dev, args).eval().requires_grad_(False)
     net.load_state_dict(ckpt["ema"] if ckpt["kind"] == "teacher" else ckpt["G_ema"])
     path, steps = paths.FlowMatching(), args.steps

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import cifar
+import nets
 
 N_PER_BATCH = 4  # 5 batches: 20 training images
 
@@ -397,3 +398,63 @@ def test_teacher_update_under_bf16_autocast_has_the_float64_gradient():
                              distill_args(precision=precision))
         grads.append(torch.cat([p.grad.flatten().double() for p in net.parameters()]))
     assert torch.nn.functional.cosine_similarity(*grads, 0) >= 0.999
+
+
+# ----------------------------------------------------------------------------- the authors' files (torchcfm layout)
+def authors_weights(seed, num_classes=0):
+    """A tiny UNet's random weights under torchcfm's names (as the authors' files hold the paper-sized ones),
+    every layer perturbed: the initial U-Net's zero-initialised layers would make it output 0."""
+    torch.manual_seed(seed)
+    w = nets.UNet(**nets.UNET_PRESETS["tiny"], num_classes=num_classes).state_dict()
+    return nets.to_torchcfm({k: v + 0.05 * torch.randn_like(v) for k, v in w.items()})
+
+
+def test_distill_takes_the_authors_teacher_file(data, tmp_path):
+    w = authors_weights(0)
+    torch.save({"net_model": w, "ema_models": {"0.999": w}}, tmp_path / "teacher.pt")
+    cifar.main(["distill", *data, *RUN, "--teacher", str(tmp_path / "teacher.pt"), "--ema-key", "0.999",
+                "--out", str(tmp_path / "g"), "--steps", "3", "--fake-steps", "2"])
+    ckpt = torch.load(tmp_path / "g" / "ckpt.pt", weights_only=True)
+    assert ckpt["step"] == 3 and ckpt["unet"]["authors_time"] and ckpt["unet"]["ch"] == 16  # the tiny preset, found
+
+
+def test_sample_of_the_authors_generator_file_is_their_one_step_map(tmp_path):
+    u = authors_weights(1)
+    torch.save({"gen": u, "u": authors_weights(2), "ema_gens": {"0.999": u}}, tmp_path / "gen.pt")
+    n, png = 6, tmp_path / "s.png"
+    cifar.main(["sample", "--device", "cpu", "--ckpt", str(tmp_path / "gen.pt"), "--png", str(png), "--n", str(n),
+                "--nrow", str(n), "--seed", "3"])  # no --ema-key: the file holds one decay
+    theirs = nets.UNet(**nets.UNET_PRESETS["tiny"], authors_time=False).eval()  # u(x, s) as the authors run it
+    theirs.load_state_dict(nets.from_torchcfm(u, **nets.UNET_PRESETS["tiny"])[1])
+    z = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # cifar.generate_uint8's noise
+    with torch.no_grad():
+        expected = cifar.fid.to_uint8(z + theirs(z, torch.zeros(n)))  # the authors' z + u(z, 0)
+        unflipped = cifar.fid.to_uint8(z - theirs(z, torch.ones(n)))  # what a missing time flip would give
+    grid = torch.from_numpy(np.array(Image.open(png))).permute(2, 0, 1)  # (3, H, W)
+    tiles = torch.stack([grid[:, 2:34, 2 + 34 * k:34 + 34 * k] for k in range(n)])
+    assert torch.equal(tiles, expected)
+    assert (expected != unflipped).float().mean() > 0.5 and (expected != cifar.fid.to_uint8(z)).float().mean() > 0.5
+
+
+def test_an_authors_file_with_two_ema_decays_needs_the_ema_key(tmp_path):
+    w, w2 = authors_weights(0), authors_weights(1)
+    torch.save({"gen": w, "u": w, "ema_gens": {"0.999": w, "0.9999": w2}}, tmp_path / "gen.pt")
+    with pytest.raises(SystemExit, match=r"0\.999'.*0\.9999"):
+        cifar.load_ckpt(str(tmp_path / "gen.pt"), "generator")
+    got = cifar.load_ckpt(str(tmp_path / "gen.pt"), "generator", ema_key="0.9999")["G_ema"]
+    assert all(torch.equal(got[k], v) for k, v in nets.from_torchcfm(w2, **nets.UNET_PRESETS["tiny"])[1].items())
+
+
+def test_finetune_reads_each_authors_file_at_its_own_ema_decay(data, tmp_path):
+    w, w2 = authors_weights(0, cifar.NUM_CLASSES), authors_weights(1, cifar.NUM_CLASSES)  # conditional, as theirs
+    torch.save({"net_model": w, "ema_models": {"0.999": w}}, tmp_path / "teacher.pt")
+    torch.save({"gen": w, "u": w, "ema_gens": {"0.999": w, "0.9999": w2}}, tmp_path / "gen.pt")
+    cifar.main(["finetune", *data, *RUN, "--teacher", str(tmp_path / "teacher.pt"), "--teacher-ema-key", "0.999",
+                "--generator", str(tmp_path / "gen.pt"), "--ema-key", "0.9999", "--out", str(tmp_path / "ft"),
+                "--steps", "1"])  # one fake-model update: G_ema stays the file's 0.9999 weights
+    ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
+    assert ckpt["unet"]["num_classes"] == cifar.NUM_CLASSES
+    assert all(torch.equal(ckpt["G_ema"][k], v) for k, v in nets.from_torchcfm(w2, **nets.UNET_PRESETS["tiny"])[1].items())
+    with pytest.raises(SystemExit, match="no EMA decay 0.9999 in the teacher file"):  # --ema-key alone: both files
+        cifar.main(["finetune", *data, *RUN, "--teacher", str(tmp_path / "teacher.pt"), "--generator",
+                    str(tmp_path / "gen.pt"), "--ema-key", "0.9999", "--out", str(tmp_path / "ft2"), "--steps", "1"])
