@@ -142,7 +142,7 @@ def energy_distance(x, y):
 def w2(x, y, block=500, blocks=4):
     """Exact W2 between samples by optimal assignment, averaged over `blocks` disjoint blocks of `block`
     points (an exact W2 on 500 points costs 0.1-1 s; its finite-sample floor is in the "real" row)."""
-    out = []
+    out, block = [], min(block, len(x), len(y))  # at least one block, however small the sample
     for i in range(0, min(len(x), len(y), block * blocks) - block + 1, block):
         cost = torch.cdist(x[i:i + block].double(), y[i:i + block].double()).pow(2).numpy()
         rows, cols = linear_sum_assignment(cost)
@@ -299,7 +299,7 @@ def summarise(runs):
         diffs["steps to data-free end"] = [reach(r["curves"]["RealUID"], r["curves"]["data-free UID"][-1][1]) -
                                            reach(r["curves"]["data-free UID"], r["curves"]["data-free UID"][-1][1])
                                            for r in runs]
-        se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else float("nan")  # noqa: E731
+        se = lambda v: float(np.std(v, ddof=1) / math.sqrt(len(v))) if len(v) > 1 else None  # noqa: E731
         out["RealUID - data-free"] = {m: {"mean": float(np.mean(v)), "se": se(v), "lower_in": int(np.sum(np.array(v) < 0)),
                                           "seeds": len(v)} for m, v in diffs.items()}
     return out
@@ -331,17 +331,20 @@ def eq22_push(args, t=0.2, missed=2, n=17):
 
 
 # ---- output
-def save_atomic(path, write):
-    """write(file object) into path + '.tmp', then rename: a failed write leaves the old file intact."""
-    tmp = path + ".tmp"
+def save_atomic(writers):
+    """{path: write(file object)}: every file into path + '.tmp' first, then all renamed, so a failed
+    write (a full disk) leaves the previous outputs intact and consistent, and nothing partial behind."""
     try:
-        with open(tmp, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
+        for path, write in writers.items():
+            with open(path + ".tmp", "wb") as fh:
+                write(fh)
     except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        for path in writers:
+            if os.path.exists(path + ".tmp"):
+                os.remove(path + ".tmp")
         raise SystemExit(f"could not write {path}: {e.strerror or e} (nothing was replaced)")
+    for path in writers:
+        os.replace(path + ".tmp", path)
 
 
 def plot(args, runs, summary, fh):
@@ -418,7 +421,8 @@ def report(args, runs, summary):
     if "RealUID - data-free" in summary:
         print("RealUID - data-free (paired, mean +- standard error; seeds where RealUID is lower):")
         for m, d in summary["RealUID - data-free"].items():
-            print(f"  {m:26s} {d['mean']:+.4f} +- {d['se']:.4f}   lower in {d['lower_in']} of {d['seeds']}")
+            se = "n/a (1 seed)" if d["se"] is None else f"{d['se']:.4f}"
+            print(f"  {m:26s} {d['mean']:+.4f} +- {se}   lower in {d['lower_in']} of {d['seeds']}")
 
 
 def main(argv=None):
@@ -429,16 +433,17 @@ def main(argv=None):
     summary = summarise(runs)
     report(args, runs, summary)
     keep = ("seed", "table", "curves", "levels")
-    save_atomic(os.path.join(args.out, "results.json"), lambda fh: fh.write(json.dumps(
-        {"args": vars(args), "summary": summary, "seeds": [{k: r[k] for k in keep} for r in runs],
-         "seconds": time.perf_counter() - start}, indent=1).encode()))
+    results = {"args": vars(args), "summary": summary, "seeds": [{k: r[k] for k in keep} for r in runs],
+               "seconds": time.perf_counter() - start}
     first = runs[0]
     arrays = {k.replace(" ", "_").replace("-", "_"): v.numpy() for k, v in first["samples"].items()}
     if args.path == "bridge":
         arrays["x1"] = first["x1"].numpy()
-    save_atomic(os.path.join(args.out, "samples.npz"), lambda fh: np.savez(fh, **arrays))
     png = os.path.join(args.out, f"toy2d_{args.path}.png")
-    save_atomic(png, lambda fh: plot(args, runs, summary, fh))
+    save_atomic({os.path.join(args.out, "results.json"): lambda fh: fh.write(json.dumps(results, indent=1,
+                                                                                        allow_nan=False).encode()),
+                 os.path.join(args.out, "samples.npz"): lambda fh: np.savez(fh, **arrays),
+                 png: lambda fh: plot(args, runs, summary, fh)})
     print(f"wrote {png}, results.json, samples.npz ({time.perf_counter() - start:.0f} s)")
     return runs, summary
 

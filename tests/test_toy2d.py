@@ -106,15 +106,21 @@ def test_bad_arguments_are_refused_before_any_training(capsys, flags, message):
 
 
 def test_a_failed_write_keeps_the_previous_file_and_leaves_nothing_partial(tmp_path):
-    target = str(tmp_path / "samples.npz")
-    toy2d.save_atomic(target, lambda fh: fh.write(b"good"))
+    first, second = str(tmp_path / "results.json"), str(tmp_path / "samples.npz")
+    toy2d.save_atomic({first: lambda fh: fh.write(b"good 1"), second: lambda fh: fh.write(b"good 2")})
 
     def disk_full(fh):
         fh.write(b"trunc")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-    with pytest.raises(SystemExit, match="No space left"):
-        toy2d.save_atomic(target, disk_full)
-    assert open(target, "rb").read() == b"good" and os.listdir(tmp_path) == ["samples.npz"]
+    with pytest.raises(SystemExit, match="No space left"):  # the second file fails: the first is not replaced
+        toy2d.save_atomic({first: lambda fh: fh.write(b"new 1"), second: disk_full})
+    assert open(first, "rb").read() == b"good 1" and open(second, "rb").read() == b"good 2"
+    assert sorted(os.listdir(tmp_path)) == ["results.json", "samples.npz"]
+
+
+def test_a_sample_smaller_than_a_w2_block_still_gives_a_finite_w2():
+    x = torch.randn(200, 2, generator=torch.Generator().manual_seed(3))
+    assert toy2d.w2(x, x + torch.tensor([0.0, 1.0])) == pytest.approx(1.0, abs=1e-6)
 
 
 # ---- end to end
