@@ -197,7 +197,8 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
         net.body[0].in_features - net.t_dim, 2, args.hidden, args.depth)
     opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
     opt_f = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    gamma, scale = (alpha if args.gamma is None else args.gamma), (beta if args.delta_beta else 1.0)
+    general = args.gamma is not None and (alpha, beta) != (1.0, 1.0)  # the data-free student is always Eq. (13)
+    gamma, scale = (args.gamma if general else alpha), (beta if args.delta_beta else 1.0)
     curve = [(0, evaluate(G_ema))]
     name = "RealUID" if (alpha, beta) != (1.0, 1.0) else "data-free UID"
     for it in tqdm(range(args.steps), desc=f"{name}, seed {seed}", mininterval=1, leave=False):
@@ -207,7 +208,7 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
             x0_real, x1 = pairs(joint, args.batch)
             with torch.no_grad():  # fake step: the generator is fixed
                 x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
-            if args.gamma is None:  # Eq. (16)
+            if not general:  # Eq. (16)
                 loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta).mean()
             else:  # App. A.2
                 loss_f = losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma,
@@ -220,7 +221,7 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
         _, x1 = pairs(joint, args.batch)  # the bridge's observations of real data; noise / source otherwise
         # generator step: the losses hold f and f* fixed, gradients reach theta through their inputs
         x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
-        if args.gamma is None:  # Eq. (17)
+        if not general:  # Eq. (17)
             loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta).mean()
         else:  # App. A.2
             loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale).mean()
