@@ -276,7 +276,7 @@ def run_seed(args, seed):
                   "generator at init": evaluate(net), "real": energy_distance(x_test[:2000], x_curve)}
     return {"seed": seed, "table": {k: metrics(x, x_ref, p0) for k, x in samples.items()},
             "curves": {k: c for k, (_, c) in students.items()}, "levels": levels, "samples": samples,
-            "x1": x1_test, "students": {k: G for k, (G, _) in students.items()}, "net": net, "path": path}
+            "x1": x1_test}
 
 
 def reach(curve, level):
