@@ -509,10 +509,11 @@ def begin_run(args, dev, kind, state):
         ckpt = load_ckpt(ckpt_path, kind, dev)
         for key, m in state.items():
             m.load_state_dict(ckpt[key])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        data_gen.set_state(ckpt["rng"]["data"])
-        if ckpt["rng"]["cuda"]:
-            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        rng = ckpt["rng"]  # RNG states must be CPU ByteTensors; load_ckpt put every tensor on dev
+        torch.set_rng_state(rng["torch"].cpu())
+        data_gen.set_state(rng["data"].cpu())
+        if rng["cuda"]:
+            torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
         start = ckpt["step"]
         rows = [line for line in open(log_path)] if os.path.exists(log_path) else []
         with open(log_path + ".tmp", "w") as f:

@@ -164,6 +164,19 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data, teacher, 
     assert [r["step"] for r in metrics(tmp_path / "b")] == list(range(1, 8))  # each step once, the lost row gone
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: a checkpoint loaded onto the GPU")
+def test_on_cuda_a_run_resumes(data, tmp_path):
+    # load_ckpt maps every tensor to the GPU, the RNG states too; they must go back to the CPU to be set.
+    base = [*data[2:], "--device", "cuda", *TRAIN, "--warmup", "2"]  # data without its "--device cpu"
+    cifar.main(["train", *base, "--out", str(tmp_path / "a"), "--steps", "4"])
+    cifar.main(["train", *base, "--out", str(tmp_path / "b"), "--steps", "2"])
+    cifar.main(["train", *base, "--out", str(tmp_path / "b"), "--steps", "4", "--resume"])
+    a, b = (torch.load(tmp_path / run / "ckpt.pt", weights_only=True) for run in "ab")
+    assert a["step"] == b["step"] == 4
+    assert_identical(a["rng"], b["rng"])  # the same draws after the resume as without the interruption
+    assert [r["step"] for r in metrics(tmp_path / "b")] == [1, 2, 3, 4]
+
+
 def assert_identical(a, b, where="ckpt"):
     """Nested dicts / lists of tensors, bit for bit."""
     if isinstance(a, torch.Tensor):
@@ -255,7 +268,7 @@ def perturbed(net, eps, seed):
 
 
 def relative_gap(f_star, f_fake, x):
-    t = torch.rand(len(x), generator=torch.Generator().manual_seed(0))
+    t = torch.rand(len(x), generator=torch.Generator().manual_seed(0)).to(x.device)
     with torch.no_grad():
         return ((f_star(x, t) - f_fake(x, t)).norm() / f_star(x, t).norm()).item()
 
@@ -289,6 +302,32 @@ def test_update_under_bf16_autocast_has_the_float64_gradient_when_f_is_close_to_
     step = 5 if update == "generator" else 0  # K = 5: update 5 is the first generator update
     reference = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(), torch.float64)
     bf16 = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(precision="bf16"), torch.float32)
+    assert torch.nn.functional.cosine_similarity(bf16, reference, 0) >= 0.999
+
+
+def near_teacher_on(dev, preset, gap, batch):
+    """(f*, f, x0) on dev: random-weight U-Nets with |f* - f| / |f*| = gap (within 1.4x), laid out as cifar.py runs them."""
+    unet = dict(cifar.nets.UNET_PRESETS[preset], dropout=0.0, num_classes=0)
+    f_star = randomised(cifar.nets.UNet(**unet), 0)
+    x0 = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(dev)
+    layout = dict(memory_format=torch.channels_last) if dev.type == "cuda" else {}
+    on = lambda net: net.to(dev, **layout)  # noqa: E731
+    probe = relative_gap(on(copy.deepcopy(f_star)), on(perturbed(f_star, 1e-2, 1)), x0)
+    f_fake = on(perturbed(f_star, 1e-2 * gap / probe, 1))
+    f_star = on(f_star)
+    assert gap / 1.4 < relative_gap(f_star, f_fake, x0) < gap * 1.4
+    return f_star, f_fake, x0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA only: the paper U-Net's generator update on a GPU")
+@pytest.mark.parametrize("gap", [1e-1, 1e-2, 1e-3])
+def test_on_cuda_the_paper_unet_generator_update_has_the_float64_gradient(gap, monkeypatch):
+    # What a CUDA run does (cifar.setup): bf16 autocast for G's forward, f* and f in float32 with TF32 off.
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    f_star, f_fake, x0 = near_teacher_on(torch.device("cuda"), "paper", gap, 8)
+    reference = gradient_of_update(5, f_star, f_star, f_fake, x0, distill_args(), torch.float64)
+    bf16 = gradient_of_update(5, f_star, f_star, f_fake, x0, distill_args(precision="bf16"), torch.float32)
     assert torch.nn.functional.cosine_similarity(bf16, reference, 0) >= 0.999
 
 
