@@ -194,6 +194,7 @@ class GaussianMixture:
         if w.shape != self.means.shape[:1] or (w < 0).any() or abs(float(w.sum()) - 1) > 1e-6:
             raise ValueError("weights must be K non-negative numbers summing to 1")
         self.weights, self.dim = w, self.means.shape[1]
+        self.chol = torch.linalg.cholesky(self.covs)  # (K, d, d), S_k = L_k L_k^T; once, not at every draw
 
     @staticmethod
     def standard(d):
@@ -203,12 +204,12 @@ class GaussianMixture:
         """(n, d) float32 samples (and their component labels (n,) when labels=True)."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[k] + (torch.linalg.cholesky(self.covs)[k] @ eps[:, :, None])[:, :, 0]
+        x = self.means[k] + (self.chol[k] @ eps[:, :, None])[:, :, 0]
         return (x.float(), k) if labels else x.float()
 
     def component_log_probs(self, x):
         """log w_k + log N(x; m_k, S_k), (n, K)."""
-        L = torch.linalg.cholesky(self.covs)  # (K, d, d)
+        L = self.chol  # (K, d, d)
         diff = (x.double()[:, None, :] - self.means)[..., None]  # (n, K, d, 1)
         maha = torch.linalg.solve_triangular(L, diff, upper=False).pow(2).sum((-1, -2))
         log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)

@@ -47,12 +47,15 @@ def parse(argv):
     a("--modes", type=int, default=5, help="modes of p0* (radius 2.5, variance 0.15, weights proportional to 5, ..., 1)")
     a("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
     a("--teacher-steps", type=int, default=2000, help="teacher training steps (Adam (0.9, 0.999))")
-    a("--steps", type=int, default=1000, help="distillation: generator steps, each after K fake-model steps")
-    a("--fake-steps", type=int, default=5, help="K, fake-model steps per generator step (paper: 5)")
-    a("--fake-init", default="random", choices=["random", "teacher"], help="fake model f's initial weights")
+    a("--steps", type=int, default=None, help="distillation: generator steps, each after K fake-model steps "
+      "(default 1000; diffusion 2000)")
+    a("--fake-steps", type=int, default=1, help="K, fake-model steps per generator step (paper, CIFAR-10: 5, from "
+      "random weights)")
+    a("--fake-init", default="teacher", choices=["random", "teacher"], help="fake model f's initial weights (paper, "
+      "CIFAR-10: random; here the teacher's, so that K = 1 suffices)")
     a("--batch", type=int, default=512, help="batch size of every step")
     a("--lr-teacher", type=float, default=2e-3, help="teacher learning rate, in (0, 1)")
-    a("--lr", type=float, default=1e-3, help="generator and fake-model peak learning rate, in (0, 1) (Adam betas "
+    a("--lr", type=float, default=2e-3, help="generator and fake-model peak learning rate, in (0, 1) (Adam betas "
       "(0, 0.999)); linear warm-up, then cosine decay to 0.1x over --steps")
     a("--warmup", type=int, default=50, help="generator steps of learning-rate warm-up")
     a("--ema", type=float, default=0.99, help="EMA decay of the generator, in [0, 1); the EMA is what is sampled")
@@ -68,6 +71,8 @@ def parse(argv):
       "and fake-model initialisation")
     a("--out", default="runs/toy2d", help="output folder")
     args = p.parse_args(argv)
+    if args.steps is None:  # the VP-diffusion students converge slower (README, "Every family")
+        args.steps = 2000 if args.path == "diffusion" else 1000
     # Validate everything before any training (a bad flag must not cost a trained teacher).
     for name, v in vars(args).items():
         if isinstance(v, float) and not math.isfinite(v):
@@ -170,6 +175,15 @@ def lr_factor(args, it):
     return min(1.0, (it + 1) / max(1, args.warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * it / args.steps)))
 
 
+def update(opt, loss, what, it):
+    """One optimiser step on loss; a non-finite loss stops the run with a hint."""
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"{what} loss is {loss.item()} at step {it}: lower the learning rate")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
 def train_teacher(args, path, joint, in_dim):
     """The teacher network, Eq. (3); it is also every generator's initialisation."""
     net = MLP(in_dim, 2, args.hidden, args.depth)
@@ -178,12 +192,7 @@ def train_teacher(args, path, joint, in_dim):
         for group in opt.param_groups:  # linear decay to 0 over the second half
             group["lr"] = args.lr_teacher * min(1.0, 2 * (1 - it / args.teacher_steps))
         x0, x1 = pairs(joint, args.batch)
-        loss = losses.um_loss(path, net, x0, x1).mean()
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"teacher loss is {loss.item()} at step {it}: lower --lr-teacher")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        update(opt, losses.um_loss(path, net, x0, x1).mean(), "teacher", it)
     return net.requires_grad_(False)
 
 
@@ -195,8 +204,8 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
     G_ema = copy.deepcopy(net)
     f_fake = copy.deepcopy(net).requires_grad_(True) if args.fake_init == "teacher" else MLP(
         net.body[0].in_features - net.t_dim, 2, args.hidden, args.depth)
-    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999))
-    opt_f = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999))
+    opt_g = torch.optim.Adam(G.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)
+    opt_f = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)
     general = args.gamma is not None and (alpha, beta) != (1.0, 1.0)  # the data-free student is always Eq. (13)
     gamma, scale = (args.gamma if general else alpha), (beta if args.delta_beta else 1.0)
     curve = [(0, evaluate(G_ema))]
@@ -208,28 +217,15 @@ def distil(args, path, joint, net, f_star, alpha, beta, evaluate, seed):
             x0_real, x1 = pairs(joint, args.batch)
             with torch.no_grad():  # fake step: the generator is fixed
                 x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
-            if not general:  # Eq. (16)
-                loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta).mean()
-            else:  # App. A.2
-                loss_f = losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma,
-                                                  scale).mean()
-            if not torch.isfinite(loss_f):
-                raise FloatingPointError(f"fake-model loss is {loss_f.item()} at generator step {it}: lower --lr")
-            opt_f.zero_grad(set_to_none=True)
-            loss_f.backward()
-            opt_f.step()
+            loss_f = losses.realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta) if not general else \
+                losses.general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma, scale)
+            update(opt_f, loss_f.mean(), "fake-model", it)  # Eq. (16), or App. A.2
         _, x1 = pairs(joint, args.batch)  # the bridge's observations of real data; noise / source otherwise
         # generator step: the losses hold f and f* fixed, gradients reach theta through their inputs
         x0_gen = path.generate(G, generator_input(args, joint, x1), x1)
-        if not general:  # Eq. (17)
-            loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta).mean()
-        else:  # App. A.2
-            loss_g = losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale).mean()
-        if not torch.isfinite(loss_g):
-            raise FloatingPointError(f"generator loss is {loss_g.item()} at generator step {it}: lower --lr")
-        opt_g.zero_grad(set_to_none=True)
-        loss_g.backward()
-        opt_g.step()
+        loss_g = losses.realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta) if not general else \
+            losses.general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma, scale)
+        update(opt_g, loss_g.mean(), "generator", it)  # Eq. (17), or App. A.2
         with torch.no_grad():
             for p_ema, p in zip(G_ema.parameters(), G.parameters()):
                 p_ema.lerp_(p, 1 - args.ema)

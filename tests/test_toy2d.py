@@ -95,6 +95,7 @@ def test_eq22_push_with_beta_equal_alpha_vanishes_where_the_generator_has_no_mas
     (["--hidden", "0"], "--hidden must be a positive integer"),
     (["--depth", "-2"], "--depth must be a positive integer"),
     (["--seeds", "0"], "--seeds must be a positive integer"),
+    (["--steps", "0"], "--steps must be a positive integer"),  # not taken for "no value given"
     (["--lr", "1e3"], "--lr and --lr-teacher must be in (0, 1)"),
     (["--ema", "1"], "--ema must be in [0, 1)"),
     (["--delta-beta"], "give --gamma too"),
@@ -103,6 +104,11 @@ def test_bad_arguments_are_refused_before_any_training(capsys, flags, message):
     with pytest.raises(SystemExit) as e:
         toy2d.parse(flags)
     assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generator_steps_default_per_family_and_as_given():
+    assert [toy2d.parse(["--path", p]).steps for p in ("fm", "diffusion", "bridge", "si")] == [1000, 2000, 1000, 1000]
+    assert toy2d.parse(["--path", "diffusion", "--steps", "7"]).steps == 7
 
 
 def test_a_failed_write_keeps_the_previous_file_and_leaves_nothing_partial(tmp_path):
