@@ -165,7 +165,7 @@ def test_seeds_are_paired_and_summarised(tmp_path):
 def test_distillation_brings_the_generator_close_to_the_data(tmp_path):
     """Exact teacher, no error: a short data-free distillation lowers the energy distance to the data
     far below that of the generator at initialisation (which outputs about the data mean)."""
-    toy2d.main(["--out", str(tmp_path), "--teacher", "exact", "--teacher-steps", "300", "--steps", "150",
+    toy2d.main(["--out", str(tmp_path), "--teacher", "exact", "--teacher-steps", "300", "--steps", "300",
                 "--batch", "256", "--hidden", "64", "--n-eval", "1000", "--nfe", "8", "--eval-every", "50",
                 "--ema", "0.9", "--lr", "2e-3", "--warmup", "10"])
     table = json.loads((tmp_path / "results.json").read_text())["seeds"][0]["table"]
