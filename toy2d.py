@@ -175,10 +175,10 @@ def lr_factor(args, it):
     return min(1.0, (it + 1) / max(1, args.warmup)) * (0.1 + 0.45 * (1 + math.cos(math.pi * it / args.steps)))
 
 
-def update(opt, loss, what, it):
-    """One optimiser step on loss; a non-finite loss stops the run with a hint."""
+def update(opt, loss, what, it, flag="--lr"):
+    """One optimiser step on loss; a non-finite loss stops the run, naming the learning-rate flag to lower."""
     if not torch.isfinite(loss):
-        raise FloatingPointError(f"{what} loss is {loss.item()} at step {it}: lower the learning rate")
+        raise FloatingPointError(f"{what} loss is {loss.item()} at step {it}: lower {flag}")
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
@@ -192,7 +192,7 @@ def train_teacher(args, path, joint, in_dim):
         for group in opt.param_groups:  # linear decay to 0 over the second half
             group["lr"] = args.lr_teacher * min(1.0, 2 * (1 - it / args.teacher_steps))
         x0, x1 = pairs(joint, args.batch)
-        update(opt, losses.um_loss(path, net, x0, x1).mean(), "teacher", it)
+        update(opt, losses.um_loss(path, net, x0, x1).mean(), "teacher", it, "--lr-teacher")
     return net.requires_grad_(False)
 
 
@@ -330,16 +330,18 @@ def eq22_push(args, t=0.2, missed=2, n=17):
 # ---- output
 def save_atomic(writers):
     """{path: write(file object)}: every file into path + '.tmp' first, then all renamed, so a failed
-    write (a full disk) leaves the previous outputs intact and consistent, and nothing partial behind."""
+    write (a full disk, a failing plot, Ctrl-C) leaves the previous outputs intact and nothing partial."""
     try:
         for path, write in writers.items():
             with open(path + ".tmp", "wb") as fh:
                 write(fh)
-    except OSError as e:
-        for path in writers:
-            if os.path.exists(path + ".tmp"):
-                os.remove(path + ".tmp")
-        raise SystemExit(f"could not write {path}: {e.strerror or e} (nothing was replaced)")
+    except BaseException as e:
+        for tmp in (p + ".tmp" for p in writers):
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        if isinstance(e, OSError):
+            raise SystemExit(f"could not write {path}: {e.strerror or e} (nothing was replaced)") from e
+        raise
     for path in writers:
         os.replace(path + ".tmp", path)
 

@@ -123,6 +123,13 @@ def test_a_failed_write_keeps_the_previous_file_and_leaves_nothing_partial(tmp_p
     assert open(first, "rb").read() == b"good 1" and open(second, "rb").read() == b"good 2"
     assert sorted(os.listdir(tmp_path)) == ["results.json", "samples.npz"]
 
+    def plot_fails(fh):
+        fh.write(b"half a png")
+        raise ValueError("a matplotlib error")
+    with pytest.raises(ValueError):  # not a disk error: raised as it is, but nothing partial is left either
+        toy2d.save_atomic({first: lambda fh: fh.write(b"new 1"), second: plot_fails})
+    assert open(first, "rb").read() == b"good 1" and sorted(os.listdir(tmp_path)) == ["results.json", "samples.npz"]
+
 
 def test_a_sample_smaller_than_a_w2_block_still_gives_a_finite_w2():
     x = torch.randn(200, 2, generator=torch.Generator().manual_seed(3))
