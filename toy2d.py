@@ -17,6 +17,7 @@ import argparse
 import copy
 import json
 import math
+import multiprocessing
 import os
 import signal
 import sys
@@ -78,6 +79,9 @@ def parse(argv):
     a("--seed", type=int, default=0, help=f"first random seed (data, networks, draws), 0 to 2^62")
     a("--seeds", type=int, default=1, help="paired seeds seed, seed + 1, ...: all students share the seed, teacher "
       "and fake-model initialisation")
+    a("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the independent trainings (the seeds, "
+      "or the students of a seed); default: the number of cores. Each runs one thread: the results do not depend "
+      "on --jobs")
     a("--out", default="runs/toy2d", help="output folder")
     a("--force", action="store_true", help="replace the outputs of an earlier run in --out")
     args = p.parse_args(argv)
@@ -100,7 +104,7 @@ def parse(argv):
     if args.delta_beta and args.gamma is None:
         p.error("--delta-beta parametrises the general loss: give --gamma too (App. A.2)")
     counts = ["nfe", "teacher_steps", "generator_steps", "fake_steps", "batch", "hidden", "depth", "eval_every",
-              "seeds"]
+              "seeds", "jobs"]
     for name in counts:
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
@@ -277,9 +281,10 @@ def student_names(args):
     return out
 
 
-def run_seed(args, seed):
+def run_seed(args, seed, only=None):
     """Everything for one seed: {"table": {model: metrics}, "curves": {student: curve}, "levels": {...},
-    "samples": {model: (n_eval, 2)}, "x1": the observations / sources the samples used}."""
+    "samples": {model: (n_eval, 2)}, "x1": the observations / sources the samples used}; with `only`, just
+    those students (the teacher, draws and metrics of the seed are the same whichever students run)."""
     torch.manual_seed(seed)
     p0, path = mixture(args.modes), make_path(args)
     joint = joint_of(args, p0)
@@ -310,7 +315,7 @@ def run_seed(args, seed):
         start, _ = distil(args, path, joint_missing, net, net, paths.ExactField(path, joint_missing), 1.0, 1.0,
                           lambda G: {}, seed + 500, "generator without the mode")
     students = {name: distil(args, path, joint, start, net, f_star, alpha, beta, evaluate, seed, name)
-                for name, (alpha, beta) in student_names(args).items()}
+                for name, (alpha, beta) in student_names(args).items() if only is None or name in only}
     start_name = "generator at init" if args.missed_mode is None else "generator at start"
     with torch.no_grad():
         samples = {"real": x_real, "teacher": path.sample(f_star, x1_eval, args.nfe),
@@ -533,12 +538,47 @@ def report(args, runs, summary):
                 print(f"  {m:26s} {d['mean']:+.4f} +- {se}   lower in {d['lower_in']} of {d['seeds']}")
 
 
+def run_all(args):
+    """Every seed, in --jobs processes: whole seeds when there are at least as many seeds as jobs, otherwise one
+    student of a seed per process (each retrains its seed's teacher, which costs no wall time: the students
+    would wait for it anyway). Every process runs one thread, so the numbers do not depend on --jobs."""
+    seeds = [args.seed + i for i in range(args.seeds)]
+    units = [(args, s, None) for s in seeds] if len(seeds) >= args.jobs else [
+        (args, s, [name]) for s in seeds for name in student_names(args)]
+    if args.jobs == 1 or len(units) == 1:
+        return [run_seed(args, s) for s in seeds]
+    with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(units)), initializer=torch.set_num_threads,
+                                                   initargs=(1,)) as pool:
+        parts = pool.starmap(run_seed, units)  # the first failure ends the pool (and every other worker)
+    runs = {}
+    for part in parts:  # merge the students of each seed
+        run = runs.setdefault(part["seed"], part)
+        run["curves"].update(part["curves"]), run["table"].update(part["table"])
+        run["samples"].update(part["samples"])
+    order = list(student_names(args))
+    for run in runs.values():  # the students in their usual order, whichever process finished first
+        run["curves"] = {k: run["curves"][k] for k in order}
+        run["table"] = {k: v for k, v in run["table"].items() if k not in order} | {k: run["table"][k] for k in order}
+        run["samples"] = {k: v for k, v in run["samples"].items() if k not in order} | {
+            k: run["samples"][k] for k in order}
+    return [runs[s] for s in seeds]
+
+
 def outputs(args):
     return [os.path.join(args.out, f) for f in ("results.json", "samples.npz", f"toy2d_{args.path}.png")]
 
 
 def main(argv=None):
     args = parse(sys.argv[1:] if argv is None else argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in every --jobs worker: the same arithmetic, so the same numbers
+    try:
+        return run_and_save(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_and_save(args):
     if not args.force:  # an earlier run's results, or its figure of another --path, are never silently mixed
         old = [f for f in os.listdir(args.out) if f in ("results.json", "samples.npz") or
                f.startswith("toy2d_")] if os.path.isdir(args.out) else []
@@ -547,7 +587,7 @@ def main(argv=None):
                              f"--force to replace it")
     os.makedirs(args.out, exist_ok=True)
     start = time.perf_counter()
-    runs = [run_seed(args, args.seed + i) for i in range(args.seeds)]
+    runs = run_all(args)
     summary = summarise(args, runs)
     report(args, runs, summary)
     keep = ("seed", "table", "curves", "levels")

@@ -299,3 +299,23 @@ def test_the_missed_mode_start_misses_the_mode(tmp_path):
     assert start[2] < 0.02 and sum(start[:2] + start[3:]) > 0.5, start
     curve = results["seeds"][0]["curves"]["RealUID"]
     assert curve[0]["mode_weights"] == pytest.approx(start)  # step 0 of each student is that start
+
+
+# ---- --jobs: processes change the wall time, never the numbers
+def test_jobs_2_gives_the_numbers_of_jobs_1_bit_for_bit(tmp_path):
+    flags = [*TINY, "--real-data", "--beta", "0.94", "0.86"]
+    toy2d.main(["--out", str(tmp_path / "one"), "--jobs", "1", *flags])
+    toy2d.main(["--out", str(tmp_path / "two"), "--jobs", "2", *flags])  # one student of the seed per process
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["seeds"] == two["seeds"] and one["summary"] == two["summary"]
+    a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
+    assert list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_worker_ends_the_run_with_its_message_and_no_files(tmp_path):
+    """f* + 1e200 (f_wrong - f*) overflows float32: every worker's first generator loss is not finite."""
+    with pytest.raises(SystemExit) as e:
+        toy2d.cli(["--out", str(tmp_path), *TINY, "--real-data", "--jobs", "2", "--teacher", "exact",
+                   "--teacher-error", "1e200"])
+    assert str(e.value.code).startswith("toy2d.py: generator loss is"), e.value.code
+    assert os.listdir(tmp_path) == []
