@@ -82,6 +82,8 @@ def parse(argv):
     a("--jobs", type=int, default=os.cpu_count() or 1, help="processes for the independent trainings (the seeds, "
       "or the students of a seed); default: the number of cores. Each runs one thread: the results do not depend "
       "on --jobs")
+    a("--animate", action="store_true", help="also write toy2d_<path>.gif: the first seed's students learning, "
+      "one frame per point of the distance curve")
     a("--out", default="runs/toy2d", help="output folder")
     a("--force", action="store_true", help="replace the outputs of an earlier run in --out")
     args = p.parse_args(argv)
@@ -246,7 +248,7 @@ def distil(args, path, joint, start, net, f_star, alpha, beta, evaluate, seed, n
     opt_fake = torch.optim.Adam(f_fake.parameters(), lr=args.lr, betas=(0.0, 0.999), fused=True)
     general = args.gamma is not None and (alpha, beta) != (1.0, 1.0)  # the data-free student is always Eq. (13)
     gamma, delta_scale = (args.gamma if general else alpha), (beta if args.delta_beta else 1.0)
-    curve = [{"step": 0, **evaluate(G_ema)}]
+    curve = [{"step": 0, **evaluate(G_ema, name)}]
     for it in tqdm(range(args.generator_steps), desc=f"{name}, seed {seed}", mininterval=1, leave=False):
         for opt in (opt_G, opt_fake):
             opt.param_groups[0]["lr"] = args.lr * lr_factor(args, it)
@@ -269,7 +271,7 @@ def distil(args, path, joint, start, net, f_star, alpha, beta, evaluate, seed, n
         if (it + 1) % args.eval_every == 0 or it + 1 == args.generator_steps:
             if not all(torch.isfinite(p).all() for p in G_ema.parameters()):
                 raise FloatingPointError(f"generator weights are not finite at generator step {it}: lower --lr")
-            curve.append({"step": it + 1, **evaluate(G_ema)})
+            curve.append({"step": it + 1, **evaluate(G_ema, name)})
     return G_ema, curve
 
 
@@ -304,16 +306,20 @@ def run_seed(args, seed, only=None):
     x_real, x1_eval = pairs(joint, n)  # a further real sample: the noise level of two real samples
     z_eval = generator_input(args, joint, x1_eval)
 
-    def evaluate(G):  # the curves: the first reference only (the table averages all)
+    frames = {}  # with --animate, the first seed's samples at every curve point: {student: [(n_eval, 2), ...]}
+
+    def evaluate(G, name=None):  # the curves: the first reference only (the table averages all)
         with torch.no_grad():
             x = path.generate(G, z_eval, x1_eval)
+        if args.animate and seed == args.seed and name is not None:
+            frames.setdefault(name, []).append(x)
         return {"energy": float(distances_to_data(x, refs[:1], self_terms[:1])[0]), **mode_metrics(x, p0)}
 
     start = net  # Sec. 3: the generator starts from the teacher
     if args.missed_mode is not None:  # first fit a generator to the mixture without the missed mode
         joint_missing = joint_of(args, mixture(args.modes, drop=args.missed_mode))
         start, _ = distil(args, path, joint_missing, net, net, paths.ExactField(path, joint_missing), 1.0, 1.0,
-                          lambda G: {}, seed + 500, "generator without the mode")
+                          lambda G, name: {}, seed + 500, "generator without the mode")
     students = {name: distil(args, path, joint, start, net, f_star, alpha, beta, evaluate, seed, name)
                 for name, (alpha, beta) in student_names(args).items() if only is None or name in only}
     start_name = "generator at init" if args.missed_mode is None else "generator at start"
@@ -324,6 +330,7 @@ def run_seed(args, seed, only=None):
     table = {k: metrics(x, refs, self_terms, p0) for k, x in samples.items()}
     levels = {"real": distances_to_data(x_real, refs, self_terms).tolist()}  # noise level, per reference
     return {"seed": seed, "table": table, "curves": {k: c for k, (_, c) in students.items()}, "levels": levels,
+            "frames": frames,
             "samples": samples, "x1": x1_eval}
 
 
@@ -513,6 +520,45 @@ def plot(args, runs, summary, fh):
     plt.close(fig)
 
 
+def animate(args, run, fh):
+    """A GIF of the first seed: each student's samples (EMA) over real data in grey, side by side, at every point
+    of the distance curve, with the curves growing beneath; the last frame is held."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    students, real = list(run["frames"]), run["samples"]["real"]
+    curves = {k: ([c["step"] for c in run["curves"][k]], [c["energy"] for c in run["curves"][k]]) for k in students}
+    fig = plt.figure(figsize=(3.2 * len(students), 4.8), dpi=80)
+    grid = fig.add_gridspec(2, len(students), height_ratios=(2.3, 1), left=0.1, right=0.97, bottom=0.1, top=0.9)
+    dots, lines = [], []
+    for j, name in enumerate(students):
+        ax = fig.add_subplot(grid[0, j])
+        ax.scatter(*real[:1000].T, s=1, c="0.8")
+        dots.append(ax.scatter(*run["frames"][name][0][:1000].T, s=1, c=COLORS[j]))
+        ax.set_title(name, fontsize=8), ax.set_xlim(-4.5, 4.5), ax.set_ylim(-4.5, 4.5), ax.set_aspect("equal")
+        ax.set_xticks([]), ax.set_yticks([])
+    ax = fig.add_subplot(grid[1, :])
+    for j, name in enumerate(students):
+        lines.append(ax.plot([], [], "-", c=COLORS[j], lw=1)[0])
+    steps = curves[students[0]][0]
+    ax.set_xlim(0, steps[-1]), ax.set_yscale("log"), ax.set_ylim(1e-4, 3), ax.tick_params(labelsize=7)
+    ax.set_xlabel("generator step", fontsize=7), ax.set_ylabel("distance to data", fontsize=7)
+    images = []
+    for i, step in enumerate(steps):
+        for j, name in enumerate(students):
+            dots[j].set_offsets(run["frames"][name][i][:1000].numpy())
+            lines[j].set_data(curves[name][0][:i + 1], curves[name][1][:i + 1])
+        fig.suptitle(f"{args.path}: one-step students, generator step {step}", fontsize=9)
+        fig.canvas.draw()
+        images.append(Image.frombuffer("RGBA", fig.canvas.get_width_height(), fig.canvas.buffer_rgba()).convert(
+            "RGB").quantize(colors=32))
+    plt.close(fig)
+    durations = [120] * (len(images) - 1) + [2500]  # milliseconds; hold the last frame
+    images[0].save(fh, format="GIF", save_all=True, append_images=images[1:], duration=durations, loop=0)
+
+
 def report(args, runs, summary):
     n = len(runs)
     print(f"\n{args.path}, teacher {args.teacher} (error {args.teacher_error}), {n} seed(s), {args.n_eval} points per "
@@ -554,7 +600,7 @@ def run_all(args):
     for part in parts:  # merge the students of each seed
         run = runs.setdefault(part["seed"], part)
         run["curves"].update(part["curves"]), run["table"].update(part["table"])
-        run["samples"].update(part["samples"])
+        run["samples"].update(part["samples"]), run["frames"].update(part["frames"])
     order = list(student_names(args))
     for run in runs.values():  # the students in their usual order, whichever process finished first
         run["curves"] = {k: run["curves"][k] for k in order}
@@ -562,10 +608,6 @@ def run_all(args):
         run["samples"] = {k: v for k, v in run["samples"].items() if k not in order} | {
             k: run["samples"][k] for k in order}
     return [runs[s] for s in seeds]
-
-
-def outputs(args):
-    return [os.path.join(args.out, f) for f in ("results.json", "samples.npz", f"toy2d_{args.path}.png")]
 
 
 def main(argv=None):
@@ -597,15 +639,17 @@ def run_and_save(args):
     arrays = {k.replace(" ", "_").replace("-", "_").replace("/", ""): v.numpy() for k, v in first["samples"].items()}
     if args.path == "bridge":
         arrays["x1"] = first["x1"].numpy()
-    if args.force:  # the old run's figure of another --path would sit beside the new results
-        for f in os.listdir(args.out):
-            if f.startswith("toy2d_") and f.endswith(".png") and f != f"toy2d_{args.path}.png":
-                os.remove(os.path.join(args.out, f))
-    results_json, samples_npz, png = outputs(args)
-    save_atomic({results_json: lambda fh: fh.write(json.dumps(results, indent=1, allow_nan=False).encode()),
-                 samples_npz: lambda fh: np.savez(fh, **arrays),
-                 png: lambda fh: plot(args, runs, summary, fh)})
-    print(f"wrote {png}, results.json, samples.npz ({time.perf_counter() - start:.0f} s)")
+    results_json, samples_npz, png = (os.path.join(args.out, f) for f in ("results.json", "samples.npz",
+                                                                           f"toy2d_{args.path}.png"))
+    writers = {results_json: lambda fh: fh.write(json.dumps(results, indent=1, allow_nan=False).encode()),
+               samples_npz: lambda fh: np.savez(fh, **arrays), png: lambda fh: plot(args, runs, summary, fh)}
+    if args.animate:
+        writers[png[:-4] + ".gif"] = lambda fh: animate(args, first, fh)
+    for f in os.listdir(args.out) if args.force else []:  # an old figure of another --path, or an old GIF
+        if f.startswith("toy2d_") and os.path.join(args.out, f) not in writers:
+            os.remove(os.path.join(args.out, f))
+    save_atomic(writers)
+    print(f"wrote {', '.join(map(os.path.basename, writers))} in {args.out} ({time.perf_counter() - start:.0f} s)")
     return runs, summary
 
 

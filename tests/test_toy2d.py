@@ -245,7 +245,10 @@ def test_a_non_finite_loss_ends_the_run_with_one_line_and_status_1(tmp_path, mon
 @pytest.mark.parametrize("path", ["fm", "diffusion", "bridge", "si"])
 def test_every_family_runs_end_to_end_and_writes_its_outputs(tmp_path, path):
     if path == "fm":  # as a user runs it; the other families in-process (saves the interpreter start)
-        run(tmp_path, "--path", path, "--real-data", *TINY)
+        run(tmp_path, "--path", path, "--real-data", "--animate", *TINY)
+        from PIL import Image
+        gif = Image.open(tmp_path / "toy2d_fm.gif")  # a frame per curve point (steps 0, 3, 6), two students wide
+        assert (gif.n_frames, gif.size) == (3, (2 * 256, 384))
     else:
         toy2d.main(["--out", str(tmp_path), "--path", path, "--real-data", *TINY])
     samples = np.load(tmp_path / "samples.npz")
