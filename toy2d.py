@@ -52,7 +52,8 @@ def parse(argv):
       "the exact field of the mixture with its mode weights reversed; E = 1 teaches the wrong weights")
     a("--missed-mode", type=int, default=None, help="the missed-mode experiment: both students start from a generator "
       "first distilled (data-free, exact field) from the mixture without this mode, then learn from the full teacher")
-    a("--modes", type=int, default=5, help="modes of p0* (radius 2.5, variance 0.15, weights proportional to 5, ..., 1)")
+    a("--modes", type=int, default=5, help="modes of p0* (radius 2.5, variance 0.15, weights proportional to K, ..., "
+      "1)")
     a("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
     a("--teacher-steps", type=int, default=2000, help="teacher training steps (Adam (0.9, 0.999))")
     a("--generator-steps", type=int, default=None, help="distillation length in generator steps, each after K "

@@ -89,7 +89,8 @@ def test_mode_metrics_of_exact_mode_centres():
     x = p0.means.float().repeat_interleave(torch.tensor([1, 1, 1, 1, 6]), 0)  # 10 points, weights 0.1 ... 0.6
     m = toy2d.mode_metrics(x, p0)
     assert m["near_mode"] == 1.0 and m["mode_weights"] == pytest.approx([.1, .1, .1, .1, .6])
-    assert m["mode_tv"] == pytest.approx(0.5 * float((torch.tensor([.1, .1, .1, .1, .6]).double() - p0.weights).abs().sum()))
+    shares = torch.tensor([.1, .1, .1, .1, .6]).double()
+    assert m["mode_tv"] == pytest.approx(0.5 * float((shares - p0.weights).abs().sum()))
     far = torch.zeros(7, 2)  # the centre of the circle: far from every mode
     assert toy2d.mode_metrics(far, p0)["near_mode"] == 0.0
 
