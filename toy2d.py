@@ -400,7 +400,8 @@ def eq22_push(args, t=0.2, missed=2, n=49):
     f_real, f_gen = real(x, tt), gen(x, tt)
     p_real, p_gen = real.log_marginal(x, tt).exp()[:, None], gen.log_marginal(x, tt).exp()[:, None]
     centre = (1 - t) * p0.means[missed]  # the missed mode's mean at time t: x_t = (1 - t) x0 + t x1
-    toward = (centre - x) / (centre - x).norm(dim=1, keepdim=True)
+    unit = lambda v: v / v.norm(dim=1, keepdim=True).clamp_min(1e-12)  # noqa: E731 (0 where v = 0: no direction)
+    toward, outward = unit(centre - x), unit(x)
     radius = (1 - t) * RADIUS * math.sin(math.pi / args.modes)  # half the spacing of the modes' means at t
     inside = (x - centre).norm(dim=1) < radius
     al, be = args.alpha, args.beta[0]
@@ -413,7 +414,7 @@ def eq22_push(args, t=0.2, missed=2, n=49):
     for k in ("data-free UID", "RealUID", "RealUID own", "RealUID real"):
         pull = w * (out[k] * toward).sum(1)
         out[k + " pull"], out[k + " pull inside"] = float(pull.sum()), float(pull[inside].sum())
-        out[k + " radial"] = float((w * (out[k] * x / x.norm(dim=1, keepdim=True)).sum(1))[~inside].sum())
+        out[k + " radial"] = float((w * (out[k] * outward).sum(1))[~inside].sum())
     return out
 
 
