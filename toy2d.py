@@ -123,8 +123,8 @@ def parse(argv):
         p.error(f"--ema must be in [0, 1), got {args.ema}")
     if min(args.bridge_eps, args.bridge_noise) <= 0 or args.si_a < 0 or args.teacher_error < 0:
         p.error("--bridge-eps and --bridge-noise must be positive, --si-a and --teacher-error non-negative")
-    if not args.out.strip():
-        p.error("--out must name a folder")
+    if not args.out.strip() or (os.path.exists(args.out) and not os.path.isdir(args.out)):
+        p.error(f"--out must name a folder, got {args.out!r}")
     return args
 
 
