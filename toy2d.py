@@ -597,7 +597,8 @@ def run_all(args):
         return [run_seed(args, s) for s in seeds]
     with multiprocessing.get_context("spawn").Pool(min(args.jobs, len(units)), initializer=torch.set_num_threads,
                                                    initargs=(1,)) as pool:
-        parts = pool.starmap(run_seed, units)  # the first failure ends the pool (and every other worker)
+        parts = pool.starmap(run_seed, units)  # a failure raises here, and leaving `with` ends every worker
+        pool.close(), pool.join()
     runs = {}
     for part in parts:  # merge the students of each seed
         run = runs.setdefault(part["seed"], part)
