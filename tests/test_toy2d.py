@@ -18,7 +18,7 @@ import toy2d
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--teacher-steps", "40", "--generator-steps", "6", "--fake-steps", "2", "--batch", "64", "--hidden", "32",
-        "--depth", "2", "--nfe", "4", "--n-eval", "300", "--n-ref", "2", "--eval-every", "3"]
+        "--depth", "2", "--nfe", "4", "--n-eval", "300", "--n-ref", "2", "--eval-every", "3", "--jobs", "1"]
 
 
 def run(out, *flags):
@@ -297,7 +297,7 @@ def test_the_missed_mode_start_misses_the_mode(tmp_path):
     toy2d.main(["--out", str(tmp_path), "--missed-mode", "2", "--real-data", "--teacher", "exact",
                 "--teacher-steps", "200", "--generator-steps", "200", "--batch", "256", "--hidden", "64",
                 "--n-eval", "500", "--n-ref", "2", "--nfe", "4", "--eval-every", "100", "--ema", "0.9",
-                "--lr", "3e-3", "--generator-warmup", "10"])
+                "--lr", "3e-3", "--generator-warmup", "10", "--jobs", "1"])
     results = json.loads((tmp_path / "results.json").read_text())
     start = results["seeds"][0]["table"]["generator at start"]["mode_weights"]
     assert start[2] < 0.02 and sum(start[:2] + start[3:]) > 0.5, start
@@ -308,8 +308,8 @@ def test_the_missed_mode_start_misses_the_mode(tmp_path):
 # ---- --jobs: processes change the wall time, never the numbers
 def test_jobs_2_gives_the_numbers_of_jobs_1_bit_for_bit(tmp_path):
     flags = [*TINY, "--real-data", "--beta", "0.94", "0.86"]
-    toy2d.main(["--out", str(tmp_path / "one"), "--jobs", "1", *flags])
-    toy2d.main(["--out", str(tmp_path / "two"), "--jobs", "2", *flags])  # one student of the seed per process
+    toy2d.main(["--out", str(tmp_path / "one"), *flags, "--jobs", "1"])
+    toy2d.main(["--out", str(tmp_path / "two"), *flags, "--jobs", "2"])  # one student of the seed per process
     one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
     assert one["seeds"] == two["seeds"] and one["summary"] == two["summary"]
     a, b = np.load(tmp_path / "one" / "samples.npz"), np.load(tmp_path / "two" / "samples.npz")
