@@ -488,7 +488,7 @@ def plot(args, runs, summary, fh):
     arrows = (torch.arange(n)[:, None] % 3 == 0) & (torch.arange(n)[None] % 3 == 0)  # every third grid point
     draw = arrows.reshape(-1) & (push["p_gen"] > 1e-3 * push["p_gen"].max())
     weighted = {k: push[k] * push["p_gen"][:, None] for k in ("data-free UID", "RealUID own", "RealUID real")}
-    scale = float(max(v[draw].norm(dim=1).max() for v in weighted.values())) * 8  # one arrow scale for all three
+    scale = float(max(v[draw].norm(dim=1).max() for v in weighted.values())) * 8 or 1.0  # one scale for all three
     titles = {"data-free UID": "data-free: f_gen - f*", "RealUID own": "RealUID: b p_g (f_gen - f*) / D",
               "RealUID real": "RealUID, real data: (b - a)(p_g - p*) f* / D"}
     for j, (key, v) in enumerate(weighted.items()):

@@ -293,15 +293,16 @@ def test_distillation_brings_the_generator_close_to_the_data(tmp_path):
 def test_the_missed_mode_start_misses_the_mode(tmp_path):
     """--missed-mode 2: the students' common start (a generator distilled from the mixture without mode 2) puts
     almost none of its samples on mode 2 (true weight 0.2) and most on the others (here, after a short
-    distillation), and the run records the modes' weights along training."""
-    toy2d.main(["--out", str(tmp_path), "--missed-mode", "2", "--real-data", "--teacher", "exact",
-                "--teacher-steps", "200", "--generator-steps", "200", "--batch", "256", "--hidden", "64",
-                "--n-eval", "500", "--n-ref", "2", "--nfe", "4", "--eval-every", "100", "--ema", "0.9",
+    distillation), and the run records the modes' weights along training. (Distilled from the full mixture
+    instead, the same start holds 0.09 on mode 2.)"""
+    toy2d.main(["--out", str(tmp_path), "--missed-mode", "2", "--teacher", "exact",
+                "--teacher-steps", "200", "--generator-steps", "150", "--batch", "256", "--hidden", "64",
+                "--n-eval", "500", "--n-ref", "2", "--nfe", "4", "--eval-every", "50", "--ema", "0.9",
                 "--lr", "3e-3", "--generator-warmup", "10", "--jobs", "1"])
     results = json.loads((tmp_path / "results.json").read_text())
     start = results["seeds"][0]["table"]["generator at start"]["mode_weights"]
-    assert start[2] < 0.02 and sum(start[:2] + start[3:]) > 0.5, start
-    curve = results["seeds"][0]["curves"]["RealUID"]
+    assert start[2] < 0.02 and sum(start[:2] + start[3:]) > 0.5, f"start's share per mode: {start}"
+    curve = results["seeds"][0]["curves"]["data-free UID"]
     assert curve[0]["mode_weights"] == pytest.approx(start)  # step 0 of each student is that start
 
 
