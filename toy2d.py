@@ -56,8 +56,8 @@ def parse(argv):
       "1)")
     a("--nfe", type=int, default=32, help="N, the teacher sampler's number of network calls")
     a("--teacher-steps", type=int, default=2000, help="teacher training steps (Adam (0.9, 0.999))")
-    a("--generator-steps", type=int, default=None, help="distillation length in generator steps, each after K "
-      "fake-model steps (default 1000; diffusion 2000)")
+    a("--generator-steps", type=int, default=2000, help="distillation length in generator steps, each after K "
+      "fake-model steps")
     a("--fake-steps", type=int, default=1, help="K, fake-model steps per generator step (paper, CIFAR-10: 5, from "
       "random weights)")
     a("--fake-init", default="teacher", choices=["random", "teacher"], help="fake model f's initial weights (paper, "
@@ -88,8 +88,6 @@ def parse(argv):
     a("--out", default="runs/toy2d", help="output folder")
     a("--force", action="store_true", help="replace the outputs of an earlier run in --out")
     args = p.parse_args(argv)
-    if args.generator_steps is None:  # the VP-diffusion students converge slower (RESULTS.md, every family)
-        args.generator_steps = 2000 if args.path == "diffusion" else 1000
     # Validate everything before any training (a bad flag must not cost a trained teacher).
     for name, v in vars(args).items():
         for x in (v if isinstance(v, list) else [v]):
