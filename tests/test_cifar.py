@@ -1,7 +1,6 @@
 """cifar.py on the CPU: the loader on tiny CIFAR-format tarballs built here, training, distillation,
 the generator update's precision under bf16 autocast, exact resume, sampling and the fid command
 (random Inception weights), with the tiny U-Net."""
-import argparse
 import copy
 import io
 import json
@@ -58,7 +57,7 @@ def data(tmp_path_factory):
 
 
 RUN = ["--batch", "8", "--log-every", "1", "--fid-every", "0"]  # small runs, every step logged
-TRAIN = [*RUN, "--net", "tiny", "--sample-steps", "2"]  # teacher grids with 2 Euler steps
+TRAIN = [*RUN, "--net", "tiny", "--nfe", "2"]  # teacher grids with 2 Euler steps
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +148,7 @@ def test_distillation_lowers_the_fake_model_loss(data, teacher, tmp_path):
 
 @pytest.mark.parametrize("cmd", ["train", "distill"])
 def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(data, teacher, tmp_path, cmd):
-    extra = ["--net", "tiny", "--dropout", "0.1", "--sample-steps", "2"] if cmd == "train" else \
+    extra = ["--net", "tiny", "--dropout", "0.1", "--nfe", "2"] if cmd == "train" else \
         ["--teacher", str(teacher / "ckpt.pt"), "--fake-steps", "2", "--alpha", "0.9", "--beta", "0.92"]
     base = ["--batch", "4", "--fid-every", "0", "--warmup", "2", "--lr", "1e-3", "--log-every", "1", *extra]
     cifar.main([cmd, *data, *base, "--out", str(tmp_path / "a"), "--steps", "7"])
@@ -193,13 +192,13 @@ def assert_identical(a, b, where="ckpt"):
 def test_sample_writes_a_grid_of_the_requested_size(teacher, tmp_path):
     png = tmp_path / "s.png"
     cifar.main(["sample", "--device", "cpu", "--ckpt", str(teacher / "ckpt.pt"), "--png", str(png), "--n", "12",
-                "--nrow", "5", "--steps", "2"])
+                "--nrow", "5", "--nfe", "2"])
     assert Image.open(png).size == (2 + 5 * 34, 2 + 3 * 34)
 
 
 def test_fid_command_runs_with_random_inception_weights(data, teacher, tmp_path):
     value = cifar.main(["fid", *data, "--ckpt", str(teacher / "ckpt.pt"), "--inception-weights", "random",
-                        "--n", "10", "--steps", "2", "--fid-batch", "5"])
+                        "--n", "10", "--nfe", "2", "--fid-batch", "5"])
     assert np.isfinite(value) and value > 0
     assert json.loads(open(teacher / "fid.jsonl").readline())["n"] == 10
 
@@ -274,9 +273,9 @@ def relative_gap(f_star, f_fake, x):
 
 
 def distill_args(**changes):
-    """distill's settings for one update; lr 0 and no clipping, so the gradient stays in .grad untouched."""
-    return argparse.Namespace(**{**dict(fake_steps=5, alpha=0.92, beta=0.94, gamma=None, delta_beta=False, lr=0.0,
-                                        warmup=0, clip=math.inf, ema=0.999, precision="fp32"), **changes})
+    """distill_update's settings for one update; lr 0 and no clipping, so the gradient stays in .grad untouched."""
+    return {**dict(K=5, alpha=0.92, beta=0.94, gamma=None, delta_scale=1.0, lr=0.0, warmup=0, clip=math.inf,
+                   ema=0.999, bf16=False), **changes}
 
 
 def gradient_of_update(step, G, f_star, f_fake, x0, args, dtype):
@@ -285,8 +284,8 @@ def gradient_of_update(step, G, f_star, f_fake, x0, args, dtype):
     f_star.requires_grad_(False)
     opt_G, opt_fake = (torch.optim.Adam(m.parameters(), lr=0.0, betas=(0.0, 0.999)) for m in (G, f_fake))
     torch.manual_seed(1)  # the same draws in every precision (they are made in float32)
-    cifar.distill_update(step, G, copy.deepcopy(G), f_star, f_fake, opt_G, opt_fake, x0.to(dtype), None, args)
-    updated = G if step % (args.fake_steps + 1) == args.fake_steps else f_fake
+    cifar.distill_update(step, G, copy.deepcopy(G), f_star, f_fake, opt_G, opt_fake, x0.to(dtype), None, **args)
+    updated = G if step % (args["K"] + 1) == args["K"] else f_fake
     return torch.cat([p.grad.flatten().double() for p in updated.parameters()])
 
 
@@ -301,7 +300,7 @@ def test_update_under_bf16_autocast_has_the_float64_gradient_when_f_is_close_to_
     assert 0.7e-3 < relative_gap(f_star, f_fake, x0) < 1.4e-3  # |f* - f| / |f*| = 1e-3
     step = 5 if update == "generator" else 0  # K = 5: update 5 is the first generator update
     reference = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(), torch.float64)
-    bf16 = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(precision="bf16"), torch.float32)
+    bf16 = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(bf16=True), torch.float32)
     assert torch.nn.functional.cosine_similarity(bf16, reference, 0) >= 0.999
 
 
@@ -327,7 +326,7 @@ def test_on_cuda_the_paper_unet_generator_update_has_the_float64_gradient(gap, m
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     f_star, f_fake, x0 = near_teacher_on(torch.device("cuda"), "paper", gap, 8)
     reference = gradient_of_update(5, f_star, f_star, f_fake, x0, distill_args(), torch.float64)
-    bf16 = gradient_of_update(5, f_star, f_star, f_fake, x0, distill_args(precision="bf16"), torch.float32)
+    bf16 = gradient_of_update(5, f_star, f_star, f_fake, x0, distill_args(bf16=True), torch.float32)
     assert torch.nn.functional.cosine_similarity(bf16, reference, 0) >= 0.999
 
 
@@ -337,7 +336,8 @@ def test_teacher_loss_is_the_authors_mean_squared_error_over_pixels():
     opt = torch.optim.Adam(net.parameters(), lr=0.0)
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.manual_seed(3)
-    row = cifar.teacher_update(0, net, copy.deepcopy(net), opt, x0, None, distill_args(warmup=1))
+    row = cifar.teacher_update(0, net, copy.deepcopy(net), opt, x0, None, lr=0.0, warmup=1, clip=math.inf, ema=0.999,
+                               bf16=False)
     torch.manual_seed(3)  # the same draws: x1, then t
     x1 = torch.randn_like(x0)
     t = torch.rand(4)
@@ -387,8 +387,8 @@ def test_bad_numbers_are_refused_before_any_work(flags, capsys):
     assert f"{flags[0]} must be" in capsys.readouterr().err or flags[0] in ("--fid-samples", "--delta-beta")
 
 
-@pytest.mark.parametrize("cmd", [["sample", "--png", "x.png", "--steps", "0"], ["sample", "--png", "x.png", "--n", "0"],
-                                 ["fid", "--n", "1"], ["fid", "--steps", "-1"]])
+@pytest.mark.parametrize("cmd", [["sample", "--png", "x.png", "--nfe", "0"], ["sample", "--png", "x.png", "--n", "0"],
+                                 ["fid", "--n", "1"], ["fid", "--nfe", "-1"]])
 def test_sampling_needs_at_least_one_step_and_sample(cmd, capsys):
     with pytest.raises(SystemExit):
         cifar.parse([cmd[0], "--ckpt", "missing.pt", *cmd[1:]])
@@ -430,11 +430,11 @@ def test_teacher_update_under_bf16_autocast_has_the_float64_gradient():
     f = randomised(cifar.nets.UNet(**unet), 0)
     x0 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     grads = []
-    for dtype, precision in ((torch.float64, "fp32"), (torch.float32, "bf16")):
+    for dtype, bf16 in ((torch.float64, False), (torch.float32, True)):
         net = copy.deepcopy(f).to(dtype)
         torch.manual_seed(1)
         cifar.teacher_update(0, net, copy.deepcopy(net), torch.optim.Adam(net.parameters(), lr=0.0), x0.to(dtype), None,
-                             distill_args(precision=precision))
+                             lr=0.0, warmup=0, clip=math.inf, ema=0.999, bf16=bf16)
         grads.append(torch.cat([p.grad.flatten().double() for p in net.parameters()]))
     assert torch.nn.functional.cosine_similarity(*grads, 0) >= 0.999
 
