@@ -20,6 +20,29 @@ import nets
 N_PER_BATCH = 4  # 5 batches: 20 training images
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One CPU thread for this file: its small networks gain little from two, and on a shared machine two
+    threads wait for each other far longer than they compute (30x slower under load)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_grids():
+    """Runs write 10-image sample grids, not 100: the same code (test_png_grid checks the file's pixels)."""
+    grid, cifar.GRID = cifar.GRID, 10
+    yield
+    cifar.GRID = grid
+
+
+@pytest.fixture(autouse=True)
+def seeded():
+    torch.manual_seed(0)  # every test draws the same numbers in every run, whatever ran before it
+
+
 def images_for(labels, rng):
     """One flat colour per class plus a little noise, (N, 3072) uint8 in the CIFAR layout."""
     colours = np.linspace(20, 235, 30).reshape(10, 3)[np.asarray(labels)]  # (N, 3)
@@ -196,13 +219,6 @@ def test_sample_writes_a_grid_of_the_requested_size(teacher, tmp_path):
     assert Image.open(png).size == (2 + 5 * 34, 2 + 3 * 34)
 
 
-def test_fid_command_runs_with_random_inception_weights(data, teacher, tmp_path):
-    value = cifar.main(["fid", *data, "--ckpt", str(teacher / "ckpt.pt"), "--inception-weights", "random",
-                        "--n", "10", "--nfe", "2", "--fid-batch", "5"])
-    assert np.isfinite(value) and value > 0
-    assert json.loads(open(teacher / "fid.jsonl").readline())["n"] == 10
-
-
 class PooledPixels(torch.nn.Module):
     """A cheap stand-in for InceptionV3: 16-d features of (B, 3, 299, 299), so that even the Frechet
     distance (a matrix square root, seconds at 2048-d) is instant."""
@@ -213,6 +229,14 @@ class PooledPixels(torch.nn.Module):
 
     def forward(self, x):
         return self.proj(torch.nn.functional.adaptive_avg_pool2d(x, 8).flatten(1))
+
+
+def test_fid_command_runs_with_random_inception_weights(data, teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar.fid, "InceptionV3", PooledPixels)  # the network itself: tests/test_fid.py
+    value = cifar.main(["fid", *data, "--ckpt", str(teacher / "ckpt.pt"), "--inception-weights", "random",
+                        "--n", "10", "--nfe", "2", "--fid-batch", "5"])
+    assert np.isfinite(value) and value > 0
+    assert json.loads(open(teacher / "fid.jsonl").readline())["n"] == 10
 
 
 def test_distillation_logs_a_periodic_fid_of_the_ema_generator(data, teacher, tmp_path, monkeypatch):
@@ -247,9 +271,11 @@ def test_without_a_gpu_the_default_device_says_so():
 
 
 # ----------------------------------------------------------------------------- precision of the generator update
-def randomised(net, seed):
-    """Every weight random (the zero-initialised output layers too), so that f* is far from zero."""
-    gen = torch.Generator().manual_seed(seed)
+def randomised(unet, seed):
+    """A U-Net of config `unet` with every weight drawn from `seed` (the zero-initialised output layers too, so
+    that f* is far from zero): the same network in every run."""
+    torch.manual_seed(seed)
+    net, gen = cifar.nets.UNet(**unet), torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in net.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) / math.sqrt(p[0].numel()) if p.dim() > 1
@@ -294,7 +320,7 @@ def test_update_under_bf16_autocast_has_the_float64_gradient_when_f_is_close_to_
     # CUDA runs with --precision bf16; CPU autocast with bf16 rounds the same way. Late in training
     # f ~ f*, and the generator's gradient is driven by their difference: at gap 1e-3 it must survive.
     unet = dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0)
-    f_star = randomised(cifar.nets.UNet(**unet), 0)
+    f_star = randomised(unet, 0)
     x0 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     f_fake = perturbed(f_star, 1e-2 * 1e-3 / relative_gap(f_star, perturbed(f_star, 1e-2, 1), x0), 1)
     assert 0.7e-3 < relative_gap(f_star, f_fake, x0) < 1.4e-3  # |f* - f| / |f*| = 1e-3
@@ -307,7 +333,7 @@ def test_update_under_bf16_autocast_has_the_float64_gradient_when_f_is_close_to_
 def near_teacher_on(dev, preset, gap, batch):
     """(f*, f, x0) on dev: random-weight U-Nets with |f* - f| / |f*| = gap (within 1.4x), laid out as cifar.py runs them."""
     unet = dict(cifar.nets.UNET_PRESETS[preset], dropout=0.0, num_classes=0)
-    f_star = randomised(cifar.nets.UNet(**unet), 0)
+    f_star = randomised(unet, 0)
     x0 = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(dev)
     layout = dict(memory_format=torch.channels_last) if dev.type == "cuda" else {}
     on = lambda net: net.to(dev, **layout)  # noqa: E731
@@ -332,7 +358,7 @@ def test_on_cuda_the_paper_unet_generator_update_has_the_float64_gradient(gap, m
 
 # ----------------------------------------------------------------------------- the paper's recipe, counted as the authors count it
 def test_teacher_loss_is_the_authors_mean_squared_error_over_pixels():
-    net = randomised(cifar.nets.UNet(**dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0)), 0)
+    net = randomised(dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0), 0)
     opt = torch.optim.Adam(net.parameters(), lr=0.0)
     x0 = torch.rand(4, 3, 32, 32) * 2 - 1
     torch.manual_seed(3)
@@ -427,7 +453,7 @@ def test_loader_names_a_truncated_archive(tmp_path):
 def test_teacher_update_under_bf16_autocast_has_the_float64_gradient():
     # No difference of two networks is taken here (the target x1 - x0 is far from f), so bf16 may stay.
     unet = dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0)
-    f = randomised(cifar.nets.UNet(**unet), 0)
+    f = randomised(unet, 0)
     x0 = torch.rand(16, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
     grads = []
     for dtype, bf16 in ((torch.float64, False), (torch.float32, True)):
