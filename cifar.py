@@ -16,6 +16,7 @@ Every command takes --device cpu (with --net small or tiny) for a smoke run with
 """
 import argparse
 import copy
+import fcntl
 import hashlib
 import json
 import math
@@ -41,6 +42,12 @@ CIFAR_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 CIFAR_MD5 = "c58f30108f718f92721af3b95e74349a"
 NUM_CLASSES = 10
 GRID = 100  # images in each sample grid of a run: 10 x 10, column k = class k when conditional
+MAX_N = {"sample": 10_000, "fid": 200_000}  # samples: a grid of 10k images is 100 MB, 200k FID features 3.3 GB
+MAX_BATCH = 8192  # images per batch (the paper's: 256)
+MAX_MEMBER = 256 * 2 ** 20  # bytes of one archive member once decompressed (a CIFAR-10 batch: 31 MB)
+RESUME_FLAGS = ("net", "cond", "dropout", "lr", "batch", "ema", "clip", "warmup", "precision", "data_md5",
+                "alpha", "beta", "gamma", "delta_beta", "fake_steps", "fake_init", "teacher_md5")  # the maths
+EXPECTED = (OSError, ValueError, KeyError, FloatingPointError)  # failures main reports in one line
 
 
 # ============================================================================= settings
@@ -61,7 +68,8 @@ def parse(argv=None):
 
     runs, distilling = "train distill finetune", "distill finetune"
     add(f"{runs} sample fid bench", "--device", default="cuda", help="cuda (real runs) or cpu (smoke runs)")
-    add(f"{runs} sample fid bench", "--seed", type=int, default=0, help="seed of initialisation, noise and data order")
+    add(f"{runs} sample fid bench", "--seed", type=int, default=0, help="seed of initialisation, noise and data "
+        "order, in [0, 2^64)")
     # data and FID
     add(f"{runs} fid", "--data-dir", default="data", help="home of cifar-10-python.tar.gz (downloaded if missing) "
         "and the FID reference cache")
@@ -71,7 +79,8 @@ def parse(argv=None):
         "downloaded); 'random': an untrained network, for tests")
     add(f"{runs} fid", "--fid-ref", default=None, help="reference FID stats .npz (mu, sigma); default: the "
         "training set's")
-    add(f"{runs} fid", "--fid-batch", type=int, default=500, help="images per batch when generating for FID")
+    add(f"{runs} fid", "--fid-batch", type=int, default=500, help=f"images per batch when generating for FID (at "
+        f"most {MAX_BATCH})")
     # speed
     add(f"{runs} bench", "--precision", default=None, choices=["bf16", "fp32"], help="bf16: bf16 autocast for "
         "teacher updates, fake-model updates and G's forward; fp32: none. f* and f in generator updates, sampling "
@@ -79,18 +88,22 @@ def parse(argv=None):
     add(f"{runs} bench", "--compile", action="store_true", help="torch.compile the networks (CUDA)")
     # the run folder
     add(runs, "--out", required=True, help="run folder: ckpt.pt, metrics.jsonl, samples_*.png")
-    add(runs, "--resume", action="store_true", help="continue OUT/ckpt.pt exactly (nets, EMA, optimisers, step, RNG)")
-    add(f"{runs} bench", "--batch", type=int, default=256, help="batch size of every update")
+    add(runs, "--resume", action="store_true", help="continue OUT/ckpt.pt exactly (nets, EMA, optimisers, step, RNG); "
+        "refused when a flag of the maths (" + ", ".join(RESUME_FLAGS) + ") differs from the run's")
+    add(runs, "--override", action="append", default=[], metavar="FLAG", help="with --resume: continue although "
+        "FLAG differs from the run's (repeat for each); metrics.jsonl records the change")
+    add(f"{runs} bench", "--batch", type=int, default=256, help=f"batch size of every update (at most {MAX_BATCH})")
     add(runs, "--clip", type=float, default=1.0, help="gradient-norm clipping of every update (> 0)")
     add(runs, "--ema", type=float, default=0.999, help="EMA decay of the weights that are sampled, in [0, 1)")
     add(runs, "--log-every", type=int, default=100, help="steps between metrics.jsonl rows")
     add(runs, "--sample-every", type=int, default=5000, help="steps between sample grids")
     add(runs, "--ckpt-every", type=int, default=5000, help="steps between checkpoints (and at the end)")
-    add(runs, "--fid-samples", type=int, default=10000, help="samples of the periodic FID (the fid command: 50k)")
+    add(runs, "--fid-samples", type=int, default=10000, help=f"samples of the periodic FID (the fid command: 50k; "
+        f"at most {MAX_N['fid']})")
     # the teacher f*, Eq. (3)
     add("train bench", "--net", default="paper", choices=list(nets.UNET_PRESETS), help="U-Net preset")
     add("train bench", "--cond", action="store_true", help="class-conditional (labels added to the time embedding)")
-    add("train", "--lr", type=float, default=2e-4, help="Adam learning rate, betas (0.9, 0.999)")
+    add("train", "--lr", type=float, default=2e-4, help="Adam learning rate, betas (0.9, 0.999); in (0, 1)")
     add("train", "--steps", type=int, default=400_000, help="teacher updates")
     add("train", "--warmup", type=int, default=5000, help="linear learning-rate warm-up, in updates")
     add("train", "--dropout", type=float, default=0.1, help="U-Net dropout, in [0, 1)")
@@ -108,7 +121,7 @@ def parse(argv=None):
     add(f"{distilling} bench", "--fake-steps", type=int, default=5, help="K, fake-model updates per generator "
         "update (paper: 5)")
     add(f"{distilling} bench", "--lr", type=float, default=3e-5, help="Adam learning rate of G and f, betas "
-        "(0, 0.999)")
+        "(0, 0.999); in (0, 1)")
     add(distilling, "--teacher", required=True, help="teacher checkpoint (train's ckpt.pt, or the authors' file); "
         "its EMA weights are f*")
     add(distilling, "--ema-key", default=None, help="the EMA decay (0.999, 0.9999) to read from every authors' "
@@ -135,9 +148,9 @@ def parse(argv=None):
     add("sample fid", "--ema-key", default=None, help="the EMA decay to read from an authors' file; may be left "
         "out when it holds one")
     add("sample fid", "--nfe", type=int, default=100, help="Euler steps of a teacher; a generator takes one")
-    add("sample", "--n", type=int, default=100, help="number of samples")
-    add("fid", "--n", type=int, default=50_000, help="number of samples")
-    add("sample", "--png", required=True, help="output PNG")
+    add("sample", "--n", type=int, default=100, help=f"number of samples (at most {MAX_N['sample']})")
+    add("fid", "--n", type=int, default=50_000, help=f"number of samples (at most {MAX_N['fid']})")
+    add("sample", "--png", required=True, help="output PNG (a file, not a folder)")
     add("sample", "--nrow", type=int, default=10, help="images per grid row")
     return check_args(parser, parser.parse_args(argv))
 
@@ -150,16 +163,34 @@ def check_args(parser, args):
     for name, low in least.items():
         if getattr(args, name, low) < low:
             parser.error(f"--{name.replace('_', '-')} must be at least {low}; got {getattr(args, name)}")
-    for name, low, high in (("lr", 0, math.inf), ("clip", 0, math.inf), ("ema", 0, 1), ("dropout", 0, 1)):
-        value = getattr(args, name, low + 0.5)
-        if not (low < value < high if high == math.inf else low <= value < high):
-            parser.error(f"--{name} must be in {'(0, inf)' if high == math.inf else '[0, 1)'}; got {value}")
+    most = dict(n=MAX_N.get(args.cmd, 0), fid_samples=MAX_N["fid"], batch=MAX_BATCH, fid_batch=MAX_BATCH)
+    for name, high in most.items():
+        if getattr(args, name, 0) > high:
+            parser.error(f"--{name.replace('_', '-')} must be at most {high}; got {getattr(args, name)}")
+    for name, low, high in (("lr", 0, 1), ("clip", 0, math.inf), ("ema", 0, 1), ("dropout", 0, 1)):
+        value = getattr(args, name, 0.5)
+        if not (low < value < high if name in ("lr", "clip") else low <= value < high):
+            parser.error(f"--{name} must be in {'(0, inf)' if name == 'clip' else '(0, 1)' if name == 'lr' else '[0, 1)'}"
+                         f"; got {value}")
+    if not 0 <= args.seed < 2 ** 64:
+        parser.error(f"--seed must be in [0, 2^64); got {args.seed}")
+    if getattr(args, "out", "x") == "" or getattr(args, "png", "x") == "":
+        parser.error("--out and --png need a path; got ''")
+    args.override = [flag.lstrip("-").replace("-", "_") for flag in getattr(args, "override", [])]
+    if any(flag not in RESUME_FLAGS for flag in args.override) or (args.override and not args.resume):
+        parser.error(f"--override takes flags of the maths ({', '.join(RESUME_FLAGS)}), with --resume; "
+                     f"got {args.override}")
     if getattr(args, "delta_beta", False) and args.gamma is None:
         parser.error("--delta-beta parametrises the general loss: give --gamma too (App. A.2)")
-    if hasattr(args, "alpha"):
-        losses.check_alpha_beta(args.alpha, args.beta)
-        if args.gamma is not None:
-            losses.check_gamma(args.gamma)
+    try:
+        if hasattr(args, "alpha"):
+            losses.check_alpha_beta(args.alpha, args.beta)
+            if args.gamma is not None:
+                losses.check_gamma(args.gamma)
+    except ValueError as e:
+        parser.error(str(e))
+    if getattr(args, "precision", "") is None:
+        args.precision = "bf16" if args.device.startswith("cuda") else "fp32"
     return args
 
 
@@ -172,8 +203,6 @@ def setup(args):
     dev = torch.device(args.device)
     if dev.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # cudnn's default is True
-    if getattr(args, "precision", "") is None:
-        args.precision = "bf16" if dev.type == "cuda" else "fp32"
     return dev
 
 
@@ -292,9 +321,15 @@ def distill(args):
     f_star = make_net(unet, dev, args.compile)
     f_star.load_state_dict(teacher["ema"])
     f_star.eval().requires_grad_(False)  # the teacher is never trained
-    G = make_net(unet, dev, args.compile)  # generator G(z) = z - g(z, 1): the teacher's EMA weights, or a G_ema
-    G.load_state_dict(load_ckpt(args.generator, "generator", dev, args.ema_key)["G_ema"] if args.generator
-                      else teacher["ema"])
+    unet_G, start = unet, teacher["ema"]  # generator G(z) = z - g(z, 1): the teacher's EMA weights, or a G_ema
+    if args.generator:  # in its own time convention; its preset and classes must be the teacher's
+        generator = load_ckpt(args.generator, "generator", dev, args.ema_key)
+        unet_G, start = dict(generator["unet"], dropout=0.0), generator["G_ema"]
+        if {**unet_G, "authors_time": 0} != {**unet, "authors_time": 0}:
+            raise SystemExit(f"--generator {args.generator} has the U-Net {describe(unet_G)}, the teacher "
+                             f"{args.teacher} {describe(unet)}: the preset and classes must agree")
+    G = make_net(unet_G, dev, args.compile)
+    G.load_state_dict(start)
     G_ema = copy.deepcopy(G).eval().requires_grad_(False)
     f_fake = make_net(unet, dev, args.compile)  # fake model f: random weights, or the teacher's
     if args.fake_init == "teacher":
@@ -306,7 +341,7 @@ def distill(args):
     def one_update(step, x0_real, y):  # the generator update uses only y of the real batch
         row = distill_update(step, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0_real, y, **settings)
         return dict(row, generator_updates=(step + 1) // (args.fake_steps + 1))
-    run(args, dev, "generator", unet, {"G": G, "G_ema": G_ema, "f_fake": f_fake, "opt_G": opt_G,
+    run(args, dev, "generator", unet_G, {"G": G, "G_ema": G_ema, "f_fake": f_fake, "opt_G": opt_G,
                                        "opt_fake": opt_fake},
         lambda z, y: path.generate(conditioned(G_ema, y), z), one_update)  # grids and FID: one step
 
@@ -318,8 +353,8 @@ def run(args, dev, kind, unet, state, sampler, one_update):
     images, labels = load_cifar(args.tarball)
     cond = unet["num_classes"] > 0
     data_gen, start, log, fid_tools = begin_run(args, dev, kind, state)
-    row, tic = {}, time.time()
-    for step in tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.cmd):
+    row, tic, bar = {}, time.time(), tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.cmd)
+    for step in bar:
         x0, y = real_batch(images, labels, args.batch, data_gen, dev)
         row.update(one_update(step, x0, y if cond else None))
         done = step + 1
@@ -327,6 +362,7 @@ def run(args, dev, kind, unet, state, sampler, one_update):
             row["fid"] = fid_of(sampler, args.fid_samples, args.fid_batch, cond, dev, *fid_tools)
         if "fid" in row or done % args.log_every == 0 or done == args.steps:
             log_row(log, dict(step=done, **row, sec_per_step=(time.time() - tic) / (done - start)))
+            bar.unpause() if "fid" in row else None  # the bar's rate and ETA: updates only
             row.pop("fid", None)
         if done % args.ckpt_every == 0 or done == args.steps:
             save_ckpt(os.path.join(args.out, "ckpt.pt"), {"kind": kind, "args": vars(args), "step": done,
@@ -334,20 +370,24 @@ def run(args, dev, kind, unet, state, sampler, one_update):
         if done % args.sample_every == 0 or done == args.steps:  # fixed noise; conditional: column k = class k
             save_grid(os.path.join(args.out, f"samples_{done:07d}.png"),
                       next(generate_uint8(sampler, GRID, GRID, cond, dev, seed=1)))
+            bar.unpause()
 
 
 def sample(args):
     dev = setup(args)
-    if os.path.abspath(args.png) == os.path.abspath(args.ckpt) \
+    if os.path.abspath(args.png) == os.path.abspath(args.ckpt) or os.path.isdir(args.png) \
             or not os.path.isdir(os.path.dirname(os.path.abspath(args.png))):
-        raise SystemExit(f"--png {args.png}: the checkpoint itself, or in a folder that does not exist")
+        raise SystemExit(f"--png {args.png}: a folder, the checkpoint itself, or in a folder that does not exist")
     sampler, cond = load_sampler(args.ckpt, args.ema_key, args.nfe, dev)
-    save_grid(args.png, next(generate_uint8(sampler, args.n, args.n, cond, dev, args.seed)), args.nrow)
+    save_grid(args.png, torch.cat(list(generate_uint8(sampler, args.n, 500, cond, dev, args.seed))), args.nrow)
     print(f"wrote {args.png} ({args.n} samples{', column k = class k' if cond and args.nrow == 10 else ''})")
 
 
 def fid_command(args):
     dev = setup(args)
+    log_path = os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "fid.jsonl")
+    if not os.access(log_path if os.path.exists(log_path) else os.path.dirname(log_path), os.W_OK):
+        raise SystemExit(f"{log_path}: not writable; the FID would be lost")
     sampler, cond = load_sampler(args.ckpt, args.ema_key, args.nfe, dev)
     inception, ref = inception_and_reference(args, dev)
     tic = time.time()
@@ -356,7 +396,7 @@ def fid_command(args):
         raise SystemExit(f"FID is {value} (non-finite statistics); nothing written")
     result = {"fid": value, "ckpt": args.ckpt, "n": args.n, "seconds": time.time() - tic, "args": vars(args)}
     print(json.dumps(result))
-    with open(os.path.join(os.path.dirname(os.path.abspath(args.ckpt)), "fid.jsonl"), "a") as log:
+    with open(log_path, "a") as log:
         log.write(json.dumps(result) + "\n")
     return value
 
@@ -399,18 +439,26 @@ def bench(args):
 
 
 def main(argv=None):
-    args = parse(argv)
-    if args.cmd in ("train", "distill", "finetune"):
-        ckpt = os.path.join(args.out, "ckpt.pt")
-        if os.path.exists(ckpt) != args.resume:
-            raise SystemExit(f"--resume: no {ckpt} to continue" if args.resume else f"{ckpt} exists: pass --resume "
-                             "to continue that run, or choose another --out (or delete that folder) to start over")
-        os.makedirs(args.out, exist_ok=True)
-    if args.cmd in ("train", "distill", "finetune") or (args.cmd == "fid" and not args.fid_ref):
-        args.tarball = fetch(args.data_dir, args.data_tarball, args.md5)
+    """Run a command; an expected failure (a bad file, a checkpoint, statistics, a download, a non-finite loss)
+    ends in one line and exit status 1, anything else in its traceback."""
+    args, lock = parse(argv), None
     command = {"train": train, "distill": distill, "finetune": distill, "sample": sample, "fid": fid_command,
                "bench": bench}
-    return command[args.cmd](args)
+    try:
+        if args.cmd in ("train", "distill", "finetune"):
+            os.makedirs(args.out, exist_ok=True)
+            lock = lock_run(args.out)  # before any work: one run per folder
+        if args.cmd in ("train", "distill", "finetune") or (args.cmd == "fid" and not args.fid_ref):
+            args.tarball = fetch(args.data_dir, args.data_tarball, args.md5)
+            args.data_md5 = args.md5 if args.md5 != "none" else md5sum(args.tarball)
+        if lock is not None:
+            check_run(args)
+        return command[args.cmd](args)
+    except EXPECTED as e:
+        raise SystemExit(f"cifar.py: error: {e.args[0] if isinstance(e, KeyError) else e}") from e
+    finally:
+        if lock is not None:
+            unlock_run(lock)
 
 
 # ============================================================================= not part of the method:
@@ -458,7 +506,20 @@ def load_ckpt(path, kind, dev="cpu", ema_key=None):
     if shape not in list(nets.UNET_PRESETS.values()) or unet.get("num_classes") not in (0, NUM_CLASSES) \
             or not 0 <= unet.get("dropout", -1) < 1:
         raise SystemExit(f"{path}: its U-Net config {unet} is none of nets.UNET_PRESETS; refusing to build it")
+    for key in ("net", "ema", "G", "G_ema", "f_fake"):
+        weights = ckpt.get(key, {})
+        if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+            raise SystemExit(f"{path}: {key} is not a state_dict of tensors")
+        bad = [k for k, v in weights.items() if v.is_floating_point() and not v.isfinite().all()]
+        if bad:
+            raise SystemExit(f"{path}: non-finite weights in {key} ({len(bad)} tensors, first {bad[0]})")
     return ckpt
+
+
+def describe(unet):
+    preset = next((k for k, v in nets.UNET_PRESETS.items() if all(unet.get(a) == b for a, b in v.items())), "?")
+    classes = f"{unet['num_classes']} classes" if unet["num_classes"] else "unconditional"
+    return f"{preset!r} ({classes}, {'authors' if unet.get('authors_time') else 'our'} time convention)"
 
 
 def authors_ckpt(path, ckpt, ema_key):
@@ -501,11 +562,15 @@ def inception_and_reference(args, dev):
     paper's protocol), computed once and cached in --data-dir."""
     if args.inception_weights == "random":  # tests: the FID plumbing with an untrained network, no cache
         model = fid.InceptionV3().eval().to(dev)
-        return model, fid.stats(fid.features(model, load_cifar(args.tarball)[0].split(250), dev))
-    model = fid.load_inception(args.inception_weights, device=dev)
+        return model, fid.load_stats(args.fid_ref) if args.fid_ref else \
+            fid.stats(fid.features(model, load_cifar(args.tarball)[0].split(250), dev))
+    try:
+        model = fid.load_inception(args.inception_weights, device=dev)
+    except RuntimeError as e:  # the download failed
+        raise OSError(str(e)) from e
     if args.fid_ref:
         return model, fid.load_stats(args.fid_ref)
-    weights = args.inception_weights or fid.download_weights()
+    weights = args.inception_weights or fid.download_weights()  # downloaded by load_inception already
     cache = os.path.join(args.data_dir, f"fid_ref_{md5sum(args.tarball)[:8]}_{md5sum(weights)[:8]}.npz")
     if not os.path.exists(cache):
         os.makedirs(args.data_dir, exist_ok=True)
@@ -514,8 +579,58 @@ def inception_and_reference(args, dev):
 
 
 def fid_of(sampler, n, batch, cond, dev, inception, ref, seed=0):
-    feats = fid.features(inception, generate_uint8(sampler, n, batch, cond, dev, seed), dev)
+    feats = fid.features(inception, generate_uint8(sampler, n, batch, cond, dev, seed), dev, total=-(-n // batch))
     return fid.frechet_distance(*fid.stats(feats), *ref)
+
+
+def lock_run(out):
+    """An exclusive lock on the run folder for this process's life (fcntl.flock on OUT/lock, which names the
+    holder's pid). The kernel drops it when the process dies: a lock file that still names a pid but is not
+    held was left by a killed run, and is reported and taken over."""
+    fd = os.open(os.path.join(out, "lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    holder = os.pread(fd, 64, 0).decode(errors="replace").strip()
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise SystemExit(f"{out} is in use by another run (pid {holder or '?'}, {out}/lock): one run per folder at "
+                         "a time; wait for it, or choose another --out") from None
+    if holder:
+        print(f"{out}/lock: the run of pid {holder} ended without releasing it (killed?); taking it over")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def unlock_run(fd):
+    os.ftruncate(fd, 0)  # empty: released by a run that ended
+    os.close(fd)
+
+
+def check_run(args):
+    """Before any work: --resume exactly when OUT holds a checkpoint, and then only with the run's maths
+    (RESUME_FLAGS, the teacher file's content included) and more --steps than it has taken."""
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    if os.path.exists(ckpt_path) != args.resume:
+        raise SystemExit(f"--resume: no {ckpt_path} to continue" if args.resume else f"{ckpt_path} exists: pass "
+                         "--resume to continue that run, or choose another --out (or delete that folder) to start over")
+    if args.cmd != "train":
+        args.teacher_md5 = md5sum(args.teacher)
+    if not args.resume:
+        return
+    try:  # mmap: the args and the step, without reading the weights
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        old, step = dict(ckpt["args"]), int(ckpt["step"])
+    except Exception as e:
+        raise SystemExit(f"{ckpt_path}: not a readable cifar.py checkpoint ({type(e).__name__}: {e})") from e
+    if args.steps <= step:
+        raise SystemExit(f"--resume: {ckpt_path} is at step {step} already; pass --steps above it to continue")
+    old["data_md5"] = old.get("data_md5", old.get("md5"))
+    changed = [k for k in RESUME_FLAGS if k in vars(args) and k not in args.override and old.get(k) != vars(args)[k]]
+    if changed:
+        raise SystemExit(f"--resume: {ckpt_path} is a run with other settings: " + ", ".join(
+            f"--{k.replace('_', '-')} {old.get(k)} -> {vars(args)[k]}" for k in changed) + "; pass --override FLAG "
+            "for each to continue it with the new values")
 
 
 def begin_run(args, dev, kind, state):
@@ -533,14 +648,34 @@ def begin_run(args, dev, kind, state):
         if rng["cuda"]:
             torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
         start = ckpt["step"]
-        rows = [line for line in open(log_path)] if os.path.exists(log_path) else []
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(line for line in rows if json.loads(line).get("step", 0) <= start)
-        os.replace(log_path + ".tmp", log_path)
+    cut_log(log_path, start)  # a fresh start (no checkpoint): a dead run's rows go too
     fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
     log = open(log_path, "a")
     log_row(log, {"args": vars(args), "start": start})
     return data_gen, start, log, fid_tools
+
+
+def cut_log(log_path, start):
+    """metrics.jsonl cut back to its complete rows of steps up to `start`, atomically: the rows after the
+    checkpoint are run again, and a torn or blank line (a kill during a write) is dropped."""
+    if not os.path.exists(log_path):
+        return
+    kept, dropped = [], 0
+    with open(log_path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line) if line.endswith(b"\n") else None
+            except ValueError:  # a torn line: bytes of a row cut mid-write, or no JSON at all
+                row = None
+            if isinstance(row, dict) and row.get("step", 0) <= start and row.get("start", 0) <= start:
+                kept.append(line)
+            else:
+                dropped += bool(line.strip())
+    with open(log_path + ".tmp", "wb") as f:
+        f.writelines(kept)
+    os.replace(log_path + ".tmp", log_path)
+    if dropped:
+        print(f"{log_path}: dropped {dropped} rows after step {start} or torn")
 
 
 def log_row(log, row):
@@ -599,11 +734,16 @@ def load_cifar(path):
     xs, ys = [], []
     try:
         with tarfile.open(path, "r:gz") as tar:
-            members = tar.getmembers()
-            for m in members:
+            members, total = [], 0
+            for m in tar:  # one header at a time: a gzip bomb stops at the bound, not at the memory's end
+                total += m.size
                 if m.name.startswith(("/", "\\")) or ".." in m.name.replace("\\", "/").split("/") \
                         or not (m.isfile() or m.isdir()):
                     raise ValueError(f"unsafe member {m.name!r} (absolute, '..' or a link); refusing the archive")
+                if m.size > MAX_MEMBER or total > 8 * MAX_MEMBER:
+                    raise ValueError(f"{m.name!r} makes {total} bytes decompressed, above the bound of "
+                                     f"{MAX_MEMBER} per member and {8 * MAX_MEMBER} in all (CIFAR-10: 31 MB per batch)")
+                members.append(m)
             by_name = {m.name: m for m in members}
             for b in range(1, 6):
                 name = f"cifar-10-batches-py/data_batch_{b}"
@@ -647,10 +787,14 @@ def save_grid(path, images, nrow=10, pad=2):
 
     rows = b"".join(b"\x00" + row.tobytes() for row in grid)  # filter type 0 before each row
     header = struct.pack(">IIBBBBB", grid.shape[1], grid.shape[0], 8, 2, 0, 0, 0)  # 8-bit RGB
-    with open(path + ".tmp", "wb") as f:
-        f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
-                + chunk(b"IEND", b""))
-    os.replace(path + ".tmp", path)
+    try:
+        with open(path + ".tmp", "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 9))
+                    + chunk(b"IEND", b""))
+        os.replace(path + ".tmp", path)
+    finally:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
 
 
 if __name__ == "__main__":
