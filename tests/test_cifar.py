@@ -5,7 +5,10 @@ import copy
 import io
 import json
 import math
+import os
 import pickle
+import subprocess
+import sys
 import tarfile
 import urllib.error
 
@@ -18,6 +21,7 @@ import cifar
 import nets
 
 N_PER_BATCH = 4  # 5 batches: 20 training images
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # cifar.py's folder
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -524,3 +528,194 @@ def test_finetune_reads_each_authors_file_at_its_own_ema_decay(data, tmp_path):
     with pytest.raises(SystemExit, match="no EMA decay 0.9999 in the teacher file"):  # --ema-key alone: both files
         cifar.main(["finetune", *data, *RUN, "--teacher", str(tmp_path / "teacher.pt"), "--generator",
                     str(tmp_path / "gen.pt"), "--ema-key", "0.9999", "--out", str(tmp_path / "ft2"), "--steps", "1"])
+
+
+# ----------------------------------------------------------------------------- a run knows what it is
+def test_resume_refuses_changed_maths_and_names_each_flag_old_and_new(data, teacher, tmp_path, capsys):
+    base = ["distill", *data, *RUN, "--out", str(tmp_path / "g"), "--fake-steps", "1"]
+    cifar.main([*base, "--teacher", str(teacher / "ckpt.pt"), "--steps", "2"])
+    other = torch.load(teacher / "ckpt.pt", weights_only=True)  # the same preset, other weights
+    other["ema"] = {k: v + 1e-3 if v.is_floating_point() else v for k, v in other["ema"].items()}
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(SystemExit) as refused:
+        cifar.main([*base, "--teacher", str(tmp_path / "other.pt"), "--steps", "4", "--resume", "--alpha", "0.9",
+                    "--lr", "1e-4"])
+    message = str(refused.value)
+    assert "--alpha 0.92 -> 0.9" in message and "--lr 3e-05 -> 0.0001" in message and "--teacher-md5" in message
+    assert "--beta" not in message and "\n" not in message  # one line, the differing flags only
+    with pytest.raises(SystemExit, match="at step 2 already"):  # nothing to do is said, not done silently
+        cifar.main([*base, "--teacher", str(teacher / "ckpt.pt"), "--steps", "2", "--resume"])
+    cifar.main([*base, "--teacher", str(teacher / "ckpt.pt"), "--steps", "3", "--resume", "--alpha", "0.9",
+                "--override", "alpha"])  # continued on purpose: the log's args rows say so
+    runs = [row["args"] for row in map(json.loads, open(tmp_path / "g" / "metrics.jsonl")) if "args" in row]
+    assert [(r["alpha"], r["override"]) for r in runs] == [(0.92, []), (0.9, ["alpha"])]
+
+
+@pytest.mark.parametrize("damage", ['{"step": 3, "loss": 0.5', "\n"], ids=["cut_line", "blank_line"])
+def test_resume_survives_a_torn_metrics_log(data, tmp_path, damage):
+    base = ["train", *data, *TRAIN, "--out", str(tmp_path), "--ckpt-every", "2"]
+    cifar.main([*base, "--steps", "2"])
+    with open(tmp_path / "metrics.jsonl", "a") as log:  # a kill during a write, after the checkpoint
+        log.write(damage)
+    cifar.main([*base, "--steps", "3", "--resume"])
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]  # every line parses
+    assert [r["step"] for r in rows if "step" in r] == [1, 2, 3] and [r["start"] for r in rows if "args" in r] == [0, 2]
+
+
+def test_a_fresh_start_drops_the_rows_of_a_run_killed_before_its_first_checkpoint(data, tmp_path):
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    cifar.main(["train", *data, *TRAIN, "--out", str(tmp_path), "--steps", "1"])
+    assert [r["loss"] for r in metrics(tmp_path)] != [9.0] and len(metrics(tmp_path)) == 1
+
+
+def test_one_run_per_folder_at_a_time_and_a_killed_runs_lock_is_reported(data, tmp_path, capsys):
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time, cifar; cifar.lock_run(sys.argv[1]); "
+                               "print('locked', flush=True); time.sleep(120)", str(tmp_path)],
+                              cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"  # a second process holds the folder
+        with pytest.raises(SystemExit, match=f"in use by another run .pid {holder.pid}"):
+            cifar.main(["train", *data, *TRAIN, "--out", str(tmp_path), "--steps", "1"])
+        assert not (tmp_path / "ckpt.pt").exists()
+    finally:
+        holder.kill()  # SIGKILL: no clean-up runs
+        holder.wait()
+    cifar.main(["train", *data, *TRAIN, "--out", str(tmp_path), "--steps", "1"])
+    assert f"the run of pid {holder.pid} ended without releasing it" in capsys.readouterr().out
+    assert (tmp_path / "lock").read_text() == "" and (tmp_path / "ckpt.pt").exists()  # released at the end
+
+
+# ----------------------------------------------------------------------------- fine-tuning across conventions
+def sample_pixels(ckpt, tmp_path, **ema_key):
+    png = tmp_path / "s.png"
+    cifar.main(["sample", "--device", "cpu", "--ckpt", str(ckpt), "--png", str(png), "--n", "4", "--nrow", "4",
+                *sum((["--ema-key", v] for v in ema_key.values()), [])])
+    return np.array(Image.open(png))
+
+
+@pytest.mark.parametrize("mix", ["authors_generator_our_teacher", "our_generator_authors_teacher"])
+def test_finetune_keeps_the_generators_own_time_convention(data, teacher, tmp_path, mix):
+    if mix == "authors_generator_our_teacher":
+        w = authors_weights(1)
+        torch.save({"gen": w, "u": w, "ema_gens": {"0.999": w}}, tmp_path / "gen.pt")
+        teacher_file, generator = teacher / "ckpt.pt", tmp_path / "gen.pt"
+    else:
+        w = authors_weights(0)
+        torch.save({"net_model": w, "ema_models": {"0.999": w}}, tmp_path / "teacher.pt")
+        cifar.main(["distill", *data, *RUN, "--teacher", str(teacher / "ckpt.pt"), "--out", str(tmp_path / "g"),
+                    "--steps", "2", "--fake-steps", "1"])
+        teacher_file, generator = tmp_path / "teacher.pt", tmp_path / "g" / "ckpt.pt"
+    cifar.main(["finetune", *data, *RUN, "--teacher", str(teacher_file), "--generator", str(generator),
+                "--out", str(tmp_path / "ft"), "--steps", "1"])  # one fake-model update: G_ema is the input's
+    assert (sample_pixels(tmp_path / "ft" / "ckpt.pt", tmp_path) == sample_pixels(generator, tmp_path)).all()
+
+
+def test_finetune_refuses_a_generator_of_other_classes_naming_both(data, teacher, tmp_path):
+    w = authors_weights(1, cifar.NUM_CLASSES)
+    torch.save({"gen": w, "u": w, "ema_gens": {"0.999": w}}, tmp_path / "gen.pt")
+    with pytest.raises(SystemExit, match=r"'tiny' \(10 classes, authors.*the teacher .*'tiny' \(unconditional"):
+        cifar.main(["finetune", *data, *RUN, "--teacher", str(teacher / "ckpt.pt"), "--generator",
+                    str(tmp_path / "gen.pt"), "--out", str(tmp_path / "ft"), "--steps", "1"])
+
+
+# ----------------------------------------------------------------------------- malformed files, one-line errors
+MALFORMED = {
+    "ema_entry_a_list": lambda w: {"gen": w, "u": w, "ema_gens": [w]},
+    "ema_entry_a_string": lambda w: {"gen": w, "u": w, "ema_gens": "0.999"},
+    "ema_entry_floats": lambda w: {"gen": w, "u": w, "ema_gens": {"0.999": 0.5}},
+    "integer_keys": lambda w: {"gen": w, "u": w, "ema_gens": {0: w}},
+    "mixed_keys": lambda w: {"gen": w, "u": w, "ema_gens": {"0.999": w, 0.9999: w}},
+    "zero_d_label_embedding": lambda w: {"gen": w, "u": w, "ema_gens": {"0.999": dict(w, **{
+        "label_emb.weight": torch.tensor(1.0)})}},
+    "module_prefix_twice": lambda w: {"gen": w, "u": w, "ema_gens": {"0.999": dict(w, **{
+        "module.out.2.weight": w["out.2.weight"] + 1})}},
+    "weights_not_finite": lambda w: {"gen": w, "u": w, "ema_gens": {"0.999": dict(w, **{
+        "out.2.weight": w["out.2.weight"] * math.nan})}},
+}
+
+
+@pytest.mark.parametrize("name", MALFORMED)
+def test_a_malformed_authors_file_is_refused_in_a_sentence_naming_it(tmp_path, name):
+    torch.save(MALFORMED[name](authors_weights(0)), tmp_path / "gen.pt")
+    with pytest.raises(SystemExit) as refused:
+        cifar.load_ckpt(str(tmp_path / "gen.pt"), "generator")
+    message = str(refused.value)
+    assert str(tmp_path / "gen.pt") in message and "\n" not in message
+    assert any(word in message for word in ("must", "expected", "twice", "non-finite", "with and without"))
+
+
+def truncated_tarball(tmp_path):
+    tarball = make_tarball(tmp_path / "t.tar.gz")
+    (tmp_path / "cut.tar.gz").write_bytes(open(tarball, "rb").read()[:300])
+    return str(tmp_path / "cut.tar.gz")
+
+
+def test_expected_errors_are_one_line_with_exit_status_one(teacher, tmp_path):
+    np.savez(tmp_path / "nan.npz", mu=np.full(16, np.nan), sigma=np.eye(16))
+    cases = {  # each an error of the input, not of the code
+        "a truncated archive": ["train", "--net", "tiny", "--data-tarball", truncated_tarball(tmp_path), "--md5",
+                                "none", "--out", str(tmp_path / "run")],
+        "NaN statistics": ["fid", "--ckpt", str(teacher / "ckpt.pt"), "--fid-ref", str(tmp_path / "nan.npz"),
+                           "--inception-weights", "random", "--n", "2", "--nfe", "1"],
+        "missing statistics": ["fid", "--ckpt", str(teacher / "ckpt.pt"), "--fid-ref", str(tmp_path / "no.npz"),
+                               "--inception-weights", "random", "--n", "2", "--nfe", "1"],
+    }
+    for what, argv in cases.items():
+        with pytest.raises(SystemExit) as stopped:
+            cifar.main([*argv, "--device", "cpu"])
+        assert str(stopped.value).startswith("cifar.py: error: ") and "\n" not in str(stopped.value), what
+    done = subprocess.run([sys.executable, "cifar.py", *cases["a truncated archive"], "--device", "cpu"], cwd=ROOT,
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_a_non_finite_loss_stops_the_run_in_one_line(data, tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar.losses, "um_loss", lambda path, f, x0, x1: torch.full((len(x0),), math.nan))
+    with pytest.raises(SystemExit, match="^cifar.py: error: non-finite teacher loss nan at step 0$"):
+        cifar.main(["train", *data, *TRAIN, "--out", str(tmp_path), "--steps", "1"])
+
+
+@pytest.mark.parametrize("flags", [["--seed", str(2 ** 64)], ["--out", ""], ["--lr", "3e38"], ["--batch", "100000"],
+                                   ["--fid-samples", "10000000"], ["--override", "alpha"], ["--override", "log-every",
+                                                                                           "--resume"]])
+def test_out_of_range_flags_are_refused_before_any_work(flags, capsys):
+    with pytest.raises(SystemExit):
+        cifar.parse(["distill", "--teacher", "missing.pt", "--out", "nowhere", *flags])
+    assert f"{flags[0]} " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cmd", [["sample", "--png", "x.png"], ["fid"]])
+def test_a_huge_n_is_refused_with_the_limit(cmd, capsys):
+    with pytest.raises(SystemExit):
+        cifar.parse([*cmd, "--ckpt", "missing.pt", "--n", "10000000"])
+    assert f"--n must be at most {cifar.MAX_N[cmd[0]]}" in capsys.readouterr().err
+
+
+def test_sample_refuses_a_folder_and_leaves_no_temporary_file(teacher, tmp_path):
+    (tmp_path / "grid").mkdir()
+    with pytest.raises(SystemExit, match="a folder"):
+        cifar.main(["sample", "--device", "cpu", "--ckpt", str(teacher / "ckpt.pt"), "--png", str(tmp_path / "grid")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid"]
+
+
+def test_fid_with_random_weights_takes_the_reference_statistics(teacher, tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar.fid, "InceptionV3", PooledPixels)
+    rng = np.random.default_rng(0)
+    cifar.fid.save_stats(str(tmp_path / "ref.npz"), rng.normal(size=16), np.eye(16))
+    value = cifar.main(["fid", "--device", "cpu", "--ckpt", str(teacher / "ckpt.pt"), "--inception-weights", "random",
+                        "--fid-ref", str(tmp_path / "ref.npz"), "--n", "4", "--nfe", "1"])
+    assert np.isfinite(value) and value > 0
+
+
+def test_the_loader_refuses_an_archive_beyond_the_decompressed_bound(tmp_path, monkeypatch):
+    monkeypatch.setattr(cifar, "MAX_MEMBER", 1000)  # a real batch of 4 images is 12 kB: a bomb in miniature
+    with pytest.raises(ValueError, match="above the bound of 1000"):
+        cifar.load_cifar(make_tarball(tmp_path / "t.tar.gz"))
+
+
+def test_non_finite_weights_are_named_on_load(teacher, tmp_path):
+    ckpt = torch.load(teacher / "ckpt.pt", weights_only=True)
+    ckpt["ema"]["out.2.bias"][0] = math.inf
+    torch.save(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(SystemExit, match=r"bad.pt: non-finite weights in ema \(1 tensors, first out.2.bias\)"):
+        cifar.load_ckpt(str(tmp_path / "bad.pt"), "teacher")
