@@ -66,40 +66,33 @@ def parse(argv=None):
         for name in names.split():
             cmd[name].add_argument(flag, **kwargs)
 
-    runs, distilling = "train distill finetune", "distill finetune"
-    add(f"{runs} sample fid bench", "--device", default="cuda", help="cuda (real runs) or cpu (smoke runs)")
-    add(f"{runs} sample fid bench", "--seed", type=int, default=0, help="seed of initialisation, noise and data "
-        "order, in [0, 2^64)")
+    R, D, ALL = "train distill finetune", "distill finetune", "train distill finetune sample fid bench"
+    add(ALL, "--device", default="cuda", help="cuda (real runs) or cpu (smoke runs)")
+    add(ALL, "--seed", type=int, default=0, help="seed of initialisation, noise and data order, in [0, 2^64)")
     # data and FID
-    add(f"{runs} fid", "--data-dir", default="data", help="home of cifar-10-python.tar.gz (downloaded if missing) "
-        "and the FID reference cache")
-    add(f"{runs} fid", "--data-tarball", default=None, help="a local tarball in the CIFAR-10 python layout")
-    add(f"{runs} fid", "--md5", default=CIFAR_MD5, help="the tarball's MD5 (default: CIFAR-10's); 'none' skips it")
-    add(f"{runs} fid", "--inception-weights", default=None, help="FID Inception weights (default: pytorch-fid's, "
-        "downloaded); 'random': an untrained network, for tests")
-    add(f"{runs} fid", "--fid-ref", default=None, help="reference FID stats .npz (mu, sigma); default: the "
-        "training set's")
-    add(f"{runs} fid", "--fid-batch", type=int, default=500, help=f"images per batch when generating for FID (at "
-        f"most {MAX_BATCH})")
+    add(f"{R} fid", "--data-dir", default="data", help="home of cifar-10-python.tar.gz (downloaded) and FID caches")
+    add(f"{R} fid", "--data-tarball", default=None, help="a local tarball in the CIFAR-10 python layout")
+    add(f"{R} fid", "--md5", default=CIFAR_MD5, help="the tarball's MD5 (default: CIFAR-10's); 'none' skips it")
+    add(f"{R} fid", "--inception-weights", default=None, help="FID weights (default: pytorch-fid's); 'random': tests")
+    add(f"{R} fid", "--fid-ref", default=None, help="reference FID stats .npz (mu, sigma); default: the training set's")
+    add(f"{R} fid", "--fid-batch", type=int, default=500, help=f"images per batch for FID, at most {MAX_BATCH}")
     # speed
-    add(f"{runs} bench", "--precision", default=None, choices=["bf16", "fp32"], help="bf16: bf16 autocast for "
-        "teacher updates, fake-model updates and G's forward; fp32: none. f* and f in generator updates, sampling "
-        "and FID are float32 (TF32 off) either way. Default: bf16 on cuda")
-    add(f"{runs} bench", "--compile", action="store_true", help="torch.compile the networks (CUDA)")
+    add(f"{R} bench", "--precision", default=None, choices=["bf16", "fp32"], help="bf16 (default on cuda): bf16 "
+        "autocast for teacher and fake updates and G's forward; f* and f in G's updates, sampling, FID: float32")
+    add(f"{R} bench", "--compile", action="store_true", help="torch.compile the networks (CUDA)")
     # the run folder
-    add(runs, "--out", required=True, help="run folder: ckpt.pt, metrics.jsonl, samples_*.png")
-    add(runs, "--resume", action="store_true", help="continue OUT/ckpt.pt exactly (nets, EMA, optimisers, step, RNG); "
-        "refused when a flag of the maths (" + ", ".join(RESUME_FLAGS) + ") differs from the run's")
-    add(runs, "--override", action="append", default=[], metavar="FLAG", help="with --resume: continue although "
-        "FLAG differs from the run's (repeat for each); metrics.jsonl records the change")
-    add(f"{runs} bench", "--batch", type=int, default=256, help=f"batch size of every update (at most {MAX_BATCH})")
-    add(runs, "--clip", type=float, default=1.0, help="gradient-norm clipping of every update (> 0)")
-    add(runs, "--ema", type=float, default=0.999, help="EMA decay of the weights that are sampled, in [0, 1)")
-    add(runs, "--log-every", type=int, default=100, help="steps between metrics.jsonl rows")
-    add(runs, "--sample-every", type=int, default=5000, help="steps between sample grids")
-    add(runs, "--ckpt-every", type=int, default=5000, help="steps between checkpoints (and at the end)")
-    add(runs, "--fid-samples", type=int, default=10000, help=f"samples of the periodic FID (the fid command: 50k; "
-        f"at most {MAX_N['fid']})")
+    add(R, "--out", required=True, help="run folder: ckpt.pt, metrics.jsonl, samples_*.png, lock")
+    add(R, "--resume", action="store_true", help="continue OUT/ckpt.pt exactly (nets, EMA, optimisers, step, RNG); "
+        f"refused if a flag of the maths differs from the run's: {', '.join(RESUME_FLAGS)}")
+    add(R, "--override", action="append", default=[], metavar="FLAG", help="with --resume: continue although FLAG "
+        "differs (repeat for each); metrics.jsonl records it")
+    add(f"{R} bench", "--batch", type=int, default=256, help=f"batch size of every update, at most {MAX_BATCH}")
+    add(R, "--clip", type=float, default=1.0, help="gradient-norm clipping of every update (> 0)")
+    add(R, "--ema", type=float, default=0.999, help="EMA decay of the weights that are sampled, in [0, 1)")
+    add(R, "--log-every", type=int, default=100, help="steps between metrics.jsonl rows")
+    add(R, "--sample-every", type=int, default=5000, help="steps between sample grids")
+    add(R, "--ckpt-every", type=int, default=5000, help="steps between checkpoints (and at the end)")
+    add(R, "--fid-samples", type=int, default=10000, help=f"samples of the periodic FID, at most {MAX_N['fid']}")
     # the teacher f*, Eq. (3)
     add("train bench", "--net", default="paper", choices=list(nets.UNET_PRESETS), help="U-Net preset")
     add("train bench", "--cond", action="store_true", help="class-conditional (labels added to the time embedding)")
@@ -110,46 +103,37 @@ def parse(argv=None):
     add("train", "--nfe", type=int, default=100, help="Euler steps of the sample grids and the periodic FID")
     add("train", "--fid-every", type=int, default=20000, help="steps between FIDs of the EMA teacher (0: never)")
     # distillation, Eqs. (16)-(17); bench times its updates
-    add(f"{distilling} bench", "--alpha", type=float, default=0.92, help="alpha of RealUM, Eq. (16); in (0, 1], "
-        "alpha = 1 needs beta = 1")
-    add(f"{distilling} bench", "--beta", type=float, default=0.94, help="beta of RealUM, Eq. (16); in (0, 1]; "
-        "alpha = beta = 1 is data-free UID")
-    add(f"{distilling} bench", "--gamma", type=float, default=None, help="use the general RealUID loss of App. A.2 "
-        "with this gamma (default: the losses of Eqs. (16)-(17), i.e. gamma = alpha)")
-    add(f"{distilling} bench", "--delta-beta", action="store_true", help="with --gamma: parametrise delta = "
-        "beta (f* - f) instead of f* - f (App. A.2)")
-    add(f"{distilling} bench", "--fake-steps", type=int, default=5, help="K, fake-model updates per generator "
-        "update (paper: 5)")
-    add(f"{distilling} bench", "--lr", type=float, default=3e-5, help="Adam learning rate of G and f, betas "
-        "(0, 0.999); in (0, 1)")
-    add(distilling, "--teacher", required=True, help="teacher checkpoint (train's ckpt.pt, or the authors' file); "
-        "its EMA weights are f*")
-    add(distilling, "--ema-key", default=None, help="the EMA decay (0.999, 0.9999) to read from every authors' "
-        "file given; may be left out when a file holds one; ignored for cifar.py checkpoints")
-    add(distilling, "--teacher-ema-key", default=None, help="the teacher file's, where it differs (default: "
-        "--ema-key)")
-    add(distilling, "--steps", type=int, default=500_000, help="optimiser updates of either network: one "
-        "generator update after every K fake-model updates (500k = the paper's 500,000 gradient updates)")
-    add(distilling, "--warmup", type=int, default=500, help="linear learning-rate warm-up of each network, in its "
-        "own updates")
-    add(distilling, "--fake-init", default="random", choices=["random", "teacher"], help="initial weights of the "
-        "fake model f")
+    add(f"{D} bench", "--alpha", type=float, default=0.92, help="alpha of RealUM, Eq. (16); in (0, 1], 1 needs beta 1")
+    add(f"{D} bench", "--beta", type=float, default=0.94, help="beta of RealUM, Eq. (16); in (0, 1]; alpha = beta = 1: "
+        "data-free UID")
+    add(f"{D} bench", "--gamma", type=float, default=None, help="gamma of the general RealUID loss, App. A.2 "
+        "(default: Eqs. (16)-(17), i.e. gamma = alpha)")
+    add(f"{D} bench", "--delta-beta", action="store_true", help="with --gamma: delta = beta (f* - f), not f* - f")
+    add(f"{D} bench", "--fake-steps", type=int, default=5, help="K, fake-model updates per generator update")
+    add(f"{D} bench", "--lr", type=float, default=3e-5,
+        help="Adam learning rate of G and f, betas (0, 0.999), in (0, 1)")
+    add(D, "--teacher", required=True, help="teacher checkpoint (train's, or the authors' file); its EMA is f*")
+    add(D, "--ema-key", default=None, help="the EMA decay (0.999, 0.9999) to read from each authors' file given; "
+        "needed where a file holds several")
+    add(D, "--teacher-ema-key", default=None, help="the teacher file's, where it differs (default: --ema-key)")
+    add(D, "--steps", type=int, default=500_000, help="updates of either network: a generator update after every K "
+        "fake-model updates (500k: the paper's)")
+    add(D, "--warmup", type=int, default=500, help="linear learning-rate warm-up of each network, in its own updates")
+    add(D, "--fake-init", default="random", choices=["random", "teacher"], help="initial weights of the fake model f")
     add("distill", "--generator", default=None, help="start G from this distilled checkpoint's G_ema")
     add("finetune", "--generator", required=True, help="the distilled checkpoint whose G_ema G starts from")
-    add(distilling, "--fid-every", type=int, default=5000, help="steps between FIDs of G_ema (0: never)")
+    add(D, "--fid-every", type=int, default=5000, help="steps between FIDs of G_ema (0: never)")
     # the authors' fine-tuning run: beta/alpha ~ 0.94, lr 1e-5, f from the teacher, 100k updates
     cmd["finetune"].set_defaults(alpha=0.92, beta=0.86, lr=1e-5, warmup=0, fake_init="teacher", steps=100_000)
     add("bench", "--iters", type=int, default=10, help="timed updates per kind")
     add("bench", "--warmup-iters", type=int, default=3, help="untimed updates first")
     cmd["bench"].set_defaults(clip=1.0, ema=0.999, warmup=0, dropout=0.1)  # the defaults of train and distill
     # sampling
-    add("sample fid", "--ckpt", required=True, help="a teacher (train) or generator (distill, finetune) "
-        "checkpoint, or the authors' file")
-    add("sample fid", "--ema-key", default=None, help="the EMA decay to read from an authors' file; may be left "
-        "out when it holds one")
+    add("sample fid", "--ckpt", required=True, help="a teacher or generator checkpoint, or the authors' file")
+    add("sample fid", "--ema-key", default=None, help="the EMA decay to read from an authors' file with several")
     add("sample fid", "--nfe", type=int, default=100, help="Euler steps of a teacher; a generator takes one")
-    add("sample", "--n", type=int, default=100, help=f"number of samples (at most {MAX_N['sample']})")
-    add("fid", "--n", type=int, default=50_000, help=f"number of samples (at most {MAX_N['fid']})")
+    add("sample", "--n", type=int, default=100, help=f"number of samples, at most {MAX_N['sample']}")
+    add("fid", "--n", type=int, default=50_000, help=f"number of samples, at most {MAX_N['fid']}")
     add("sample", "--png", required=True, help="output PNG (a file, not a folder)")
     add("sample", "--nrow", type=int, default=10, help="images per grid row")
     return check_args(parser, parser.parse_args(argv))
@@ -170,8 +154,8 @@ def check_args(parser, args):
     for name, low, high in (("lr", 0, 1), ("clip", 0, math.inf), ("ema", 0, 1), ("dropout", 0, 1)):
         value = getattr(args, name, 0.5)
         if not (low < value < high if name in ("lr", "clip") else low <= value < high):
-            parser.error(f"--{name} must be in {'(0, inf)' if name == 'clip' else '(0, 1)' if name == 'lr' else '[0, 1)'}"
-                         f"; got {value}")
+            interval = {"clip": "(0, inf)", "lr": "(0, 1)"}.get(name, "[0, 1)")
+            parser.error(f"--{name} must be in {interval}; got {value}")
     if not 0 <= args.seed < 2 ** 64:
         parser.error(f"--seed must be in [0, 2^64); got {args.seed}")
     if getattr(args, "out", "x") == "" or getattr(args, "png", "x") == "":

@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the hash prefix is part of the file name
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realuid")
 
@@ -483,7 +484,8 @@ def main():
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per network call, >= 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--n", type=positive_int, default=64, help="bench: number of images timed, >= 1")
-    p.add_argument("--size", type=positive_int, default=32, help="bench: side of the random uint8 images (CIFAR-10: 32)")
+    p.add_argument("--size", type=positive_int, default=32, help="bench: side of the random uint8 images "
+                   "(CIFAR-10: 32)")
     args = p.parse_args()
     n_sources = {"stats": 1, "fid": 2, "bench": 0}[args.command]
     if len(args.sources) != n_sources or (args.command == "stats" and not args.out):

@@ -257,7 +257,8 @@ def test_class_conditional_teacher_distils_and_samples(data, tmp_path):
     cifar.main(["train", *data, *TRAIN, "--cond", "--out", str(tmp_path / "t"), "--steps", "2"])
     cifar.main(["distill", *data, *RUN, "--teacher", str(tmp_path / "t" / "ckpt.pt"), "--out", str(tmp_path / "g"),
                 "--steps", "2", "--fake-steps", "1", "--delta-beta", "--gamma", "0.95"])
-    cifar.main(["sample", "--device", "cpu", "--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--png", str(tmp_path / "s.png"),
+    cifar.main(["sample", "--device", "cpu", "--ckpt", str(tmp_path / "g" / "ckpt.pt"), "--png",
+                str(tmp_path / "s.png"),
                 "--n", "10"])
     assert torch.load(tmp_path / "g" / "ckpt.pt", weights_only=True)["unet"]["num_classes"] == 10
 
@@ -336,7 +337,8 @@ def test_update_under_bf16_autocast_has_the_float64_gradient_when_f_is_close_to_
 
 
 def near_teacher_on(dev, preset, gap, batch):
-    """(f*, f, x0) on dev: random-weight U-Nets with |f* - f| / |f*| = gap (within 1.4x), laid out as cifar.py runs them."""
+    """(f*, f, x0) on dev: random-weight U-Nets with |f* - f| / |f*| = gap (within 1.4x), laid out as cifar.py
+    runs them."""
     unet = dict(cifar.nets.UNET_PRESETS[preset], dropout=0.0, num_classes=0)
     f_star = randomised(unet, 0)
     x0 = (torch.rand(batch, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(dev)
@@ -361,7 +363,7 @@ def test_on_cuda_the_paper_unet_generator_update_has_the_float64_gradient(gap, m
     assert torch.nn.functional.cosine_similarity(bf16, reference, 0) >= 0.999
 
 
-# ----------------------------------------------------------------------------- the paper's recipe, counted as the authors count it
+# ------------------------------------------------------------------ the paper's recipe, counted as the authors count it
 def test_teacher_loss_is_the_authors_mean_squared_error_over_pixels():
     net = randomised(dict(cifar.nets.UNET_PRESETS["tiny"], dropout=0.0, num_classes=0), 0)
     opt = torch.optim.Adam(net.parameters(), lr=0.0)
@@ -524,7 +526,8 @@ def test_finetune_reads_each_authors_file_at_its_own_ema_decay(data, tmp_path):
                 "--steps", "1"])  # one fake-model update: G_ema stays the file's 0.9999 weights
     ckpt = torch.load(tmp_path / "ft" / "ckpt.pt", weights_only=True)
     assert ckpt["unet"]["num_classes"] == cifar.NUM_CLASSES
-    assert all(torch.equal(ckpt["G_ema"][k], v) for k, v in nets.from_torchcfm(w2, **nets.UNET_PRESETS["tiny"])[1].items())
+    expected = nets.from_torchcfm(w2, **nets.UNET_PRESETS["tiny"])[1]
+    assert all(torch.equal(ckpt["G_ema"][k], v) for k, v in expected.items())
     with pytest.raises(SystemExit, match="no EMA decay 0.9999 in the teacher file"):  # --ema-key alone: both files
         cifar.main(["finetune", *data, *RUN, "--teacher", str(tmp_path / "teacher.pt"), "--generator",
                     str(tmp_path / "gen.pt"), "--ema-key", "0.9999", "--out", str(tmp_path / "ft2"), "--steps", "1"])
