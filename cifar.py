@@ -399,7 +399,8 @@ def bench(args):
     y = torch.randint(NUM_CLASSES, (args.batch,), device=dev) if args.cond else None
     settings, bf16 = recipe(args), args.precision == "bf16"
     updates = {
-        "teacher": lambda: teacher_update(0, teacher, teacher_ema, opt_teacher, x0, y, args.lr, 0, 1.0, 0.999, bf16),
+        "teacher": lambda: teacher_update(0, teacher, teacher_ema, opt_teacher, x0, y, args.lr, args.warmup, args.clip,
+                                          args.ema, bf16),
         "fake": lambda: distill_update(0, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0, y, **settings),
         "generator": lambda: distill_update(K, G, G_ema, f_star, f_fake, opt_G, opt_fake, x0, y, **settings)}
     result = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else
@@ -579,8 +580,9 @@ def lock_run(out):
         os.close(fd)
         raise SystemExit(f"{out} is in use by another run (pid {holder or '?'}, {out}/lock): one run per folder at "
                          "a time; wait for it, or choose another --out") from None
-    if holder:
-        print(f"{out}/lock: the run of pid {holder} ended without releasing it (killed?); taking it over")
+    stale = os.pread(fd, 64, 0).decode(errors="replace").strip()  # a run that ended cleanly emptied it
+    if stale:
+        print(f"{out}/lock: the run of pid {stale} ended without releasing it (killed?); taking it over")
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
@@ -609,7 +611,7 @@ def check_run(args):
         raise SystemExit(f"{ckpt_path}: not a readable cifar.py checkpoint ({type(e).__name__}: {e})") from e
     if args.steps <= step:
         raise SystemExit(f"--resume: {ckpt_path} is at step {step} already; pass --steps above it to continue")
-    old["data_md5"] = old.get("data_md5", old.get("md5"))
+    old["data_md5"] = old.get("data_md5", old.get("md5"))  # a checkpoint older than data_md5: the --md5 it checked
     changed = [k for k in RESUME_FLAGS if k in vars(args) and k not in args.override and old.get(k) != vars(args)[k]]
     if changed:
         raise SystemExit(f"--resume: {ckpt_path} is a run with other settings: " + ", ".join(
@@ -619,7 +621,8 @@ def check_run(args):
 
 def begin_run(args, dev, kind, state):
     """(data RNG, start step, metrics log, periodic-FID tools). With --resume: restores `state` ({checkpoint key:
-    module or optimiser}), the RNG and the step, and drops the log rows after the checkpoint (they are run again)."""
+    module or optimiser}), the RNG and the step, and cuts the log back to the checkpoint (cut_log); without, a
+    log left by a run killed before its first checkpoint is deleted."""
     ckpt_path, log_path = os.path.join(args.out, "ckpt.pt"), os.path.join(args.out, "metrics.jsonl")
     data_gen, start = torch.Generator().manual_seed(args.seed), 0
     if args.resume:
@@ -632,7 +635,9 @@ def begin_run(args, dev, kind, state):
         if rng["cuda"]:
             torch.cuda.set_rng_state_all([state.cpu() for state in rng["cuda"]])
         start = ckpt["step"]
-    cut_log(log_path, start)  # a fresh start (no checkpoint): a dead run's rows go too
+        cut_log(log_path, start)
+    elif os.path.exists(log_path):  # a run killed before its first checkpoint: its rows are not this run's
+        os.remove(log_path)
     fid_tools = inception_and_reference(args, dev) if 0 < args.fid_every <= args.steps else None
     log = open(log_path, "a")
     log_row(log, {"args": vars(args), "start": start})
