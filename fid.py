@@ -31,7 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-WEIGHTS_URL = "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth"
+WEIGHTS_URL = ("https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/"
+               "pt_inception-2015-12-05-6726825d.pth")
 WEIGHTS_SHA256_PREFIX = "6726825d"  # torch.hub's convention: the hash prefix is part of the file name
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "realuid")
 
@@ -289,9 +290,10 @@ def preprocess(images):
 
 # ----------------------------------------------------------------------------- statistics and distance
 @torch.no_grad()
-def features(model, batches, device=None, batch_size=50):
+def features(model, batches, device=None, batch_size=50, total=None):
     """pool3 features, float64 (N, 2048), of uint8 images: one (N, 3, H, W) tensor, cut into batch_size
-    batches, or an iterable of (b, 3, H, W) batches. Runs on device (default: the model's)."""
+    batches, or an iterable of (b, 3, H, W) batches (total: how many, for the progress bar). Runs on device
+    (default: the model's)."""
     if model.training:
         raise ValueError("features: call model.eval() first (BatchNorm must use its stored statistics)")
     if batch_size < 1:
@@ -305,7 +307,7 @@ def features(model, batches, device=None, batch_size=50):
     torch.backends.cudnn.allow_tf32 = False  # TF32 (10-bit mantissa) convolutions would perturb the features
     try:
         feats = [model(preprocess(b.to(device))).double().cpu()  # float64 from here on
-                 for b in tqdm(batches, desc="inception", leave=False)]
+                 for b in tqdm(batches, desc="inception", leave=False, total=total)]
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
     if not feats:
@@ -390,25 +392,30 @@ def load_stats(path):
 
 
 # ----------------------------------------------------------------------------- command line
+MAX_PIXELS = 4096 * 4096  # per PNG, read from its header before decoding (CIFAR-10: 32 x 32)
+
+
 def read_png(path):
     """uint8 (H, W, 3) of one PNG. 16 bits per channel keep the high byte, as TensorFlow's decode_png(dtype=uint8)
     does (libpng's png_set_strip_16); PIL already does so for colour, but would clip 16-bit grey to 255."""
     from PIL import Image  # pillow comes with matplotlib
     try:
-        with Image.open(path) as img:
+        with Image.open(path) as img:  # reads the header only
+            if img.width * img.height > MAX_PIXELS:
+                raise ValueError(f"{path}: {img.width} x {img.height} pixels, above the {MAX_PIXELS} this reads")
             if img.mode.startswith("I"):  # 16-bit greyscale ("I;16", "I;16B", or "I" in older Pillow)
                 grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)
                 return np.repeat(grey[:, :, None], 3, axis=2)
             return np.asarray(img.convert("RGB"))
-    except OSError as e:  # not an image, truncated
-        raise ValueError(f"{path}: not a readable PNG ({e})") from e
+    except (OSError, Image.DecompressionBombError) as e:  # not an image, truncated, beyond Pillow's own bound
+        raise ValueError(f"{path}: not a readable PNG ({type(e).__name__}: {e})") from e
 
 
 def load_images(path):
     """uint8 (N, 3, H, W), N >= 2, from a folder of PNGs or an .npz holding uint8 (N, H, W, 3) or (N, 3, H, W)."""
     if os.path.isdir(path):
         names = sorted(os.listdir(path))
-        files = [f for f in names if f.lower().endswith(".png")]
+        files = [f for f in names if f.lower().endswith(".png") and os.path.isfile(os.path.join(path, f))]
         if len(files) < len(names):
             skipped = sorted(set(names) - set(files))
             warnings.warn(f"{path}: skipped {len(skipped)} non-PNG entries: {', '.join(skipped[:5])}"
@@ -477,7 +484,8 @@ def main():
     p.add_argument("--batch-size", type=positive_int, default=50, help="images per network call, >= 1")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--n", type=positive_int, default=64, help="bench: number of images timed, >= 1")
-    p.add_argument("--size", type=positive_int, default=32, help="bench: side of the random uint8 images (CIFAR-10: 32)")
+    p.add_argument("--size", type=positive_int, default=32, help="bench: side of the random uint8 images "
+                   "(CIFAR-10: 32)")
     args = p.parse_args()
     n_sources = {"stats": 1, "fid": 2, "bench": 0}[args.command]
     if len(args.sources) != n_sources or (args.command == "stats" and not args.out):

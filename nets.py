@@ -216,8 +216,18 @@ def from_torchcfm(state_dict, **unet):
     unet: UNet arguments, default the paper preset (what the authors trained); num_classes is read from
     label_emb. Strips a `module.` prefix, drops the GAN head, and refuses any other unknown, missing or
     misshapen key."""
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DataParallel's prefix
-    num_classes = len(state_dict.get("label_emb.weight", []))
+    if not isinstance(state_dict, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                   for k, v in state_dict.items()):
+        raise ValueError(f"expected a state_dict (names -> tensors); got {_kinds(state_dict)}")
+    stripped = {k.removeprefix("module."): v for k, v in state_dict.items()}  # DataParallel's prefix
+    if len(stripped) < len(state_dict):
+        twice = sorted({k.removeprefix("module.") for k in state_dict if k.startswith("module.")} & set(state_dict))
+        raise ValueError(f"{len(twice)} keys appear with and without the prefix 'module.' (first {twice[0]!r})")
+    state_dict = stripped
+    label_emb = state_dict.get("label_emb.weight", torch.zeros(0, 1))
+    if label_emb.ndim != 2:
+        raise ValueError(f"label_emb.weight must be (classes, channels); got shape {tuple(label_emb.shape)}")
+    num_classes = len(label_emb)
     config = dict(UNET_PRESETS["paper"], num_classes=num_classes, authors_time=True) | unet
     ours, theirs = {}, {}  # our name -> tensor, our name -> torchcfm's name
     for key, value in state_dict.items():
@@ -273,7 +283,12 @@ def load_authors(ckpt, ema_key=None, **unet):
         found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise ValueError(f"not an authors' file: a teacher holds net_model and ema_models, a distillation "
                          f"file gen and ema_gens; this holds {found}")
-    emas = ckpt["ema_models" if kind == "teacher" else "ema_gens"]
+    name = "ema_models" if kind == "teacher" else "ema_gens"
+    emas = ckpt[name]
+    if not isinstance(emas, dict) or not emas or not all(isinstance(k, str) and isinstance(v, dict)
+                                                         for k, v in emas.items()):
+        raise ValueError(f"{name} must map EMA decays (strings such as '0.999') to state_dicts; "
+                         f"got {_kinds(emas)}")
     if ema_key is None and len(emas) != 1:
         raise ValueError(f"the {kind} file holds the EMA decays {sorted(emas)}: pick one (ema_key)")
     key = next(iter(emas)) if ema_key is None else str(ema_key)
@@ -282,6 +297,13 @@ def load_authors(ckpt, ema_key=None, **unet):
     if key is None:
         raise ValueError(f"no EMA decay {ema_key} in the {kind} file; it holds {sorted(emas)}")
     return (kind, *from_torchcfm(emas[key], **unet))
+
+
+def _kinds(x):
+    """What x is, briefly: a dict's key and value types, or x's type."""
+    if not isinstance(x, dict):
+        return type(x).__name__
+    return "a dict of " + ", ".join(sorted({f"{type(k).__name__} -> {type(v).__name__}" for k, v in x.items()})[:3])
 
 
 def _same_number(a, b):

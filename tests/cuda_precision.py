@@ -37,7 +37,7 @@ def main():
             reference = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(), torch.float64)
             for name, (precision, tf32) in SETTINGS.items():
                 torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
-                grad = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(precision=precision),
+                grad = gradient_of_update(step, f_star, f_star, f_fake, x0, distill_args(bf16=precision == "bf16"),
                                           torch.float32)
                 row[f"{update}: {name}"] = round(torch.nn.functional.cosine_similarity(grad, reference, 0).item(), 6)
         print(json.dumps(row), flush=True)
