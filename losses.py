@@ -45,8 +45,9 @@ def _draws(path, x0, t, z):
     return t, torch.randn_like(x0) if z is None else z
 
 
-def _check_real(x0_real):
-    if x0_real is None:
+def check_real(x0_real, alpha, gamma=None):
+    """Real data is needed unless the loss is data-free: alpha = 1 (so beta = 1) and gamma = 1 (or absent)."""
+    if x0_real is None and (alpha < 1 or (gamma is not None and gamma < 1)):
         raise ValueError("x0_real is required unless alpha = beta = gamma = 1 (data-free UID, Eq. 13)")
 
 
@@ -79,22 +80,28 @@ def fixed(f):
 def um_loss(path, f, x0, x1, t=None, z=None):
     """Teacher loss, Eq. (3): ||f(x_t) - c||^2, (B,)."""
     t, z = _draws(path, x0, t, z)
+    # BEGIN SOLUTION 2
     xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
     return sq(path.field(f, xt, t, x1) - c)  # Eq. (3)
+    # END SOLUTION 2
 
 
 def realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta, t=None, z=None):
     """Fake-model step, Eq. (16), (B,). x0_real may be None when alpha = beta = 1 (data-free UID, Eq. 13)."""
     check_alpha_beta(alpha, beta)
+    check_real(x0_real, alpha)
     t, z = _draws(path, x0_gen, t, z)
+    # BEGIN SOLUTION 3
+    # BEGIN SOLUTION 5
     x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
+    # END SOLUTION 5
     xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
     loss = alpha * sq(path.field(f_fake, xt, t, x1) - beta / alpha * c)  # Eq. (16), generated term
-    if alpha < 1:
-        _check_real(x0_real)
+    if alpha < 1:  # alpha = 1 forces beta = 1: no real term, data-free (Eq. 13)
         xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
         loss = loss + (1 - alpha) * sq(path.field(f_fake, xt_r, t, x1) - (1 - beta) / (1 - alpha) * c_r)  # real term
     return loss
+    # END SOLUTION 3
 
 
 def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, z=None):
@@ -102,10 +109,14 @@ def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, z=None):
     the real term of Eq. (16) does not depend on theta and is dropped."""
     check_alpha_beta(alpha, beta)
     t, z = _draws(path, x0_gen, t, z)
+    # BEGIN SOLUTION 4
     xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # BEGIN SOLUTION 5
     # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
     out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    # END SOLUTION 5
     return alpha * (sq(out_star - beta / alpha * c) - sq(out_fake - beta / alpha * c))  # Eq. (17)
+    # END SOLUTION 4
 
 
 def bracket(delta, out_star, c, w_delta, w_star, w_c):
@@ -120,19 +131,27 @@ def general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, ga
     delta_scale = beta gives the delta = beta (f* - f) parametrisation."""
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
+    check_real(x0_real, alpha, gamma)
     t, z = _draws(path, x0_gen, t, z)
+    # BEGIN SOLUTION 6
+    # BEGIN SOLUTION 5
     x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
+    # END SOLUTION 5
     xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # BEGIN SOLUTION 5
     out_star = path.field(fixed(f_star), xt, t, x1)  # cut: the teacher is fixed
+    # END SOLUTION 5
     delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
     objective = bracket(delta, out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3, generated bracket
-    if gamma < 1 or alpha < 1:
-        _check_real(x0_real)
+    if gamma < 1 or alpha < 1:  # the real bracket vanishes only at alpha = beta = gamma = 1
         xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+        # BEGIN SOLUTION 5
         out_star_r = path.field(fixed(f_star), xt_r, t, x1)  # cut: the teacher is fixed
+        # END SOLUTION 5
         delta_r = delta_scale * (out_star_r - path.field(f_fake, xt_r, t, x1))
         objective = objective + bracket(delta_r, out_star_r, c_r, 1 - gamma, 1 - alpha, 1 - beta)  # real bracket
     return -objective  # the fake model maximises the objective
+    # END SOLUTION 6
 
 
 def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
@@ -142,10 +161,14 @@ def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
     t, z = _draws(path, x0_gen, t, z)
+    # BEGIN SOLUTION 6
     xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # BEGIN SOLUTION 5
     # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
     out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    # END SOLUTION 5
     return bracket(delta_scale * (out_star - out_fake), out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3
+    # END SOLUTION 6
 
 
 @contextmanager

@@ -57,8 +57,11 @@ class Path:
         return x
 
     def generate(self, g, z, x1=None):
-        """One-step generator G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si)."""
+        """One-step generator G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si).
+        The gradient reaches g's weights (the generator is trained through it)."""
+        # BEGIN SOLUTION 8
         return z - self.field(g, z, torch.ones(len(z), device=z.device), x1)
+        # END SOLUTION 8
 
 
 class FlowMatching(Path):
@@ -102,6 +105,7 @@ class Diffusion(Path):
     @torch.no_grad()
     def sample(self, f, x1, steps):
         """Deterministic DDIM: x0_hat = (x - s x1_hat) / a, x' = a' x0_hat + s' x1_hat (x1_hat: the noise)."""
+        # BEGIN SOLUTION 7
         ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
         x = x1
         for i in range(steps):
@@ -110,6 +114,7 @@ class Diffusion(Path):
             x1_hat = self.field(f, x, ts[i].expand(len(x)), x1)
             x = a_next * (x - s * x1_hat) / a + s_next * x1_hat
         return x
+        # END SOLUTION 7
 
     def generate(self, g, z, x1=None):
         """One-step generator as in SiD: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
@@ -129,11 +134,15 @@ class Bridge(Path):
         self.eps, self.t_gen = eps, t_gen
 
     def draw(self, x0, x1, t, z):
+        # BEGIN SOLUTION 1
         t = bcast(t, x0)
         return (1 - t) * x0 + t * x1 + torch.sqrt(self.eps * t * (1 - t)) * z  # Eq. (41): + sqrt(eps_b t (1 - t)) xi
+        # END SOLUTION 1
 
     def target(self, x0, x1, t, z):
+        # BEGIN SOLUTION 1
         return x0  # Eq. (41): c = x0 (x0-prediction)
+        # END SOLUTION 1
 
     def field(self, f, xt, t, x1):
         return f(torch.cat([xt, x1], dim=1), t)

@@ -29,12 +29,14 @@ def random_spd(d, rng):
 
 
 # ----------------------------------------------------------------------------- Frechet distance
+@pytest.mark.ex10
 def test_frechet_distance_equal_covariances_is_squared_mean_distance():
     rng = np.random.default_rng(0)
     mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), random_spd(6, rng)
     assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-8)
 
 
+@pytest.mark.ex10
 def test_frechet_distance_diagonal_covariances_closed_form():
     # d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 for sigma1 = diag(a), sigma2 = diag(b)
     rng = np.random.default_rng(1)
@@ -44,6 +46,7 @@ def test_frechet_distance_diagonal_covariances_closed_form():
     assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
 
 
+@pytest.mark.ex10
 def test_frechet_distance_scaled_full_covariance_closed_form():
     # sigma2 = c^2 sigma1 gives (sigma1 sigma2)^(1/2) = c sigma1, so d^2 = (1 - c)^2 Tr(sigma1)
     rng = np.random.default_rng(2)
@@ -52,6 +55,7 @@ def test_frechet_distance_scaled_full_covariance_closed_form():
     assert fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma) == pytest.approx(expected, rel=1e-8)
 
 
+@pytest.mark.ex10
 def test_frechet_distance_of_a_gaussian_with_itself_is_zero():
     # Tr(sigma + sigma - 2 (sigma sigma)^(1/2)) = 0, here with eigenvalues spread over four decades
     rng = np.random.default_rng(3)
@@ -60,6 +64,7 @@ def test_frechet_distance_of_a_gaussian_with_itself_is_zero():
     assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
 
 
+@pytest.mark.ex10
 def test_frechet_distance_is_symmetric():
     rng = np.random.default_rng(4)
     mu1, mu2, s1, s2 = rng.standard_normal(8), rng.standard_normal(8), random_spd(8, rng), random_spd(8, rng)
@@ -159,6 +164,7 @@ def tf1_resize_loop(img, size):
     return out
 
 
+@pytest.mark.ex9
 @pytest.mark.parametrize("h, w, size", [(5, 7, 9), (8, 6, 3), (32, 32, 299)])
 def test_resize_tf1_matches_per_pixel_loop_of_tf1_rule(h, w, size):
     img = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
@@ -169,6 +175,7 @@ def test_resize_tf1_matches_per_pixel_loop_of_tf1_rule(h, w, size):
         np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3)  # float32 on a 0..255 scale
 
 
+@pytest.mark.ex9
 def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
     # bilinear interpolation is exact on a linear ramp img[y, x] = x + 10 y, so output pixel (i, j) is the ramp
     # at TF1's sample point (i h / size, j w / size), clamped to the last row / column beyond it
@@ -180,6 +187,7 @@ def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
     torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4)
 
 
+@pytest.mark.ex9
 def test_resize_tf1_is_not_interpolate_half_pixel_rule():
     # the two rules sample different coordinates, so they disagree by whole grey levels
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()

@@ -151,6 +151,7 @@ def smooth(x, t):
 
 # ---------------------------------------------------------------------------------- um_loss, Eq. (3)
 
+@pytest.mark.ex2
 @pytest.mark.parametrize("shape", [(6, 1), (3, 2, 4, 4)])
 def test_um_loss_eq3_is_the_squared_error_to_the_target_summed_over_dimensions(shape):
     """Eq. (3) per sample, (B,): ||f(x_t) - c||^2 summed (not averaged) over the data dimensions."""
@@ -163,6 +164,7 @@ def test_um_loss_eq3_is_the_squared_error_to_the_target_summed_over_dimensions(s
     assert torch.allclose(loss, sq(smooth(xt, t) - c), rtol=1e-12)
 
 
+@pytest.mark.ex2
 def test_um_loss_eq3_bridge_model_sees_x_t_and_x1():
     """With the bridge's path, the model is called through path.field on (x_t, x1)."""
     g = torch.Generator().manual_seed(1)
@@ -174,6 +176,7 @@ def test_um_loss_eq3_bridge_model_sees_x_t_and_x1():
     assert torch.allclose(loss, sq(smooth(xt, t) + x1 - x0), rtol=1e-12)
 
 
+@pytest.mark.ex2
 def test_um_loss_eq3_is_minimised_by_the_exact_field():
     """Eq. (3): the minimiser is E[c | x_t], the exact mixture field; with common random numbers,
     perturbing it by +-0.2 h raises the Monte Carlo loss."""
@@ -189,6 +192,7 @@ def test_um_loss_eq3_is_minimised_by_the_exact_field():
 
 # ---------------------------------------------------------------------------- realum_loss, Eq. (16)
 
+@pytest.mark.ex3
 def test_realum_loss_eq16_minimiser_on_real_data_is_the_teacher():
     """Teacher invariance of Eq. (16): with p^theta = p*, argmin_f L_R-UM = f* for beta/alpha != 1;
     with a different p^theta, f* is no longer the minimiser."""
@@ -203,6 +207,7 @@ def test_realum_loss_eq16_minimiser_on_real_data_is_the_teacher():
         assert (abs(B) < 0.03 * C) == at_teacher, (B, C)
 
 
+@pytest.mark.ex3
 def test_realum_loss_eq16_minimiser_is_the_eq22_optimal_fake_model():
     p_star, p_gen = real_mixture(), gauss(0.5, 0.3)
     f_opt = eq22(field(p_star), field(p_gen), ALPHA, BETA)
@@ -213,6 +218,7 @@ def test_realum_loss_eq16_minimiser_is_the_eq22_optimal_fake_model():
     assert C > 0 and abs(B) < 0.03 * C, (B, C)
 
 
+@pytest.mark.ex3
 @pytest.mark.parametrize("alpha,beta", [(ALPHA, BETA), (0.9, 0.95), (1.0, 1.0)])
 def test_realum_loss_eq16_inner_max_is_lemma2_eq18(alpha, beta):
     """max_f L_R-UID = L_R-UM(f*) - L_R-UM(f_opt) (Monte Carlo) equals int l_t(x) dx (quadrature)."""
@@ -228,6 +234,7 @@ def test_realum_loss_eq16_inner_max_is_lemma2_eq18(alpha, beta):
     assert abs(mc - exact) < 4 * se + 1e-3, (mc, se, exact)
 
 
+@pytest.mark.ex3
 def test_realum_loss_eq16_is_both_terms_by_hand_and_eq13_at_alpha_beta_one():
     """Eq. (16) per sample: alpha ||f(x_t^th) - (beta/alpha) c^th||^2 + (1 - alpha) ||f(x_t*) -
     ((1 - beta)/(1 - alpha)) c*||^2, both terms at the same t, x1; at alpha = beta = 1 it is the
@@ -243,6 +250,7 @@ def test_realum_loss_eq16_is_both_terms_by_hand_and_eq13_at_alpha_beta_one():
     assert torch.allclose(data_free, sq(smooth(xt, t) - c), rtol=1e-12)
 
 
+@pytest.mark.ex5
 def test_realum_loss_eq16_cut_no_gradient_reaches_the_generator():
     """Fake step: the generated sample is plain data (detached); only f gets gradients."""
     f_star, f_fake, gen = mlps(2)
@@ -264,6 +272,7 @@ def test_realum_loss_eq16_validates_its_arguments():
 
 # --------------------------------------------------------------------------- realuid_loss, Eq. (17)
 
+@pytest.mark.ex4
 @pytest.mark.parametrize("alpha,beta", [(ALPHA, BETA), (1.0, 1.0)])
 def test_realuid_loss_eq17_gradient_is_the_gradient_of_lemma2_eq18(alpha, beta):
     """Danskin: with the fake model frozen at f_opt (Eq. 22), the gradient of the generator loss
@@ -289,6 +298,7 @@ def test_realuid_loss_eq17_gradient_is_the_gradient_of_lemma2_eq18(alpha, beta):
     assert torch.all((mc - exact).abs() < 4 * se + 0.02 * exact.abs()), (mc, se, exact)
 
 
+@pytest.mark.ex4
 def test_realuid_loss_eq17_is_the_generated_terms_by_hand_and_eq12_at_alpha_beta_one():
     """Eq. (17), generator step, per sample: alpha ||f*(x_t) - (beta/alpha) c||^2 - alpha ||f(x_t) -
     (beta/alpha) c||^2 at generated x0; at alpha = beta = 1 the data-free Eq. (12)."""
@@ -302,6 +312,7 @@ def test_realuid_loss_eq17_is_the_generated_terms_by_hand_and_eq12_at_alpha_beta
         assert torch.allclose(losses.realuid_loss(FM, smooth, f_fake, x0_gen, x1, a, b, t), expected, rtol=1e-12)
 
 
+@pytest.mark.ex5
 @pytest.mark.parametrize("name", ["realuid_loss", "general_generator_loss"])
 def test_generator_step_cut_only_the_generator_gets_gradients(name):
     """Generator step: f* and f are fixed (no gradient, flags untouched), also when passed wrapped in
@@ -334,6 +345,7 @@ def test_realuid_loss_eq17_validates_its_arguments():
 
 # ------------------------------------------------ general_fake_loss, general_generator_loss: App. A.2
 
+@pytest.mark.ex6
 def test_general_fake_loss_def3_optimum_for_gamma_and_delta_scale():
     """App. A.2 pointwise optimum: delta_opt = [p^th (alpha f* - beta f^th) + (beta - alpha) p* f*] /
     [gamma p^th + (1 - gamma) p*], f_opt = f* - delta_opt / s for delta = s (f* - f). Eq. (22), the
@@ -353,6 +365,7 @@ def test_general_fake_loss_def3_optimum_for_gamma_and_delta_scale():
         assert C > 0 and (abs(B) < 0.03 * C) == optimal, (B, C)
 
 
+@pytest.mark.ex6
 def test_general_fake_loss_def3_with_gamma_alpha_is_eq16_up_to_a_constant():
     """App. A.2: with gamma = alpha and delta = f* - f, minus Def. 3's objective is, per sample,
     Eq. (16) at f minus Eq. (16) at f* (a constant in f: the same gradients as RealUM), both written
@@ -371,6 +384,7 @@ def test_general_fake_loss_def3_with_gamma_alpha_is_eq16_up_to_a_constant():
     assert (other - loss).abs().max() > 1e-3
 
 
+@pytest.mark.ex5
 def test_general_fake_loss_def3_cut_no_gradient_reaches_the_generator_or_the_teacher():
     f_star, f_fake, gen = mlps(2)
     x0_gen = gen(torch.randn(64, 1, dtype=torch.float64), torch.ones(64, dtype=torch.float64))
@@ -389,6 +403,7 @@ def test_general_fake_loss_def3_validates_its_arguments():
         losses.general_fake_loss(FM, f, f, x, x, x, 1.0, 0.9, 0.5)
 
 
+@pytest.mark.ex6
 @pytest.mark.parametrize("alpha,beta,gamma,s", [(ALPHA, BETA, 0.5, BETA), (0.9, 0.95, 0.6, 1.0)])
 def test_general_generator_loss_def3_gradient_is_the_gradient_of_the_general_value(alpha, beta, gamma, s):
     """App. A.2 with gamma != alpha and delta = s (f* - f): with f frozen at its optimum
@@ -414,6 +429,7 @@ def test_general_generator_loss_def3_gradient_is_the_gradient_of_the_general_val
     assert torch.all((mc - exact).abs() < 4 * se + 0.02 * exact.abs()), (mc, se, exact)
 
 
+@pytest.mark.ex6
 def test_general_generator_loss_def3_is_the_generated_bracket_and_eq17_at_gamma_alpha():
     """App. A.2 generated bracket by hand, delta = s (f* - f): -gamma ||delta||^2 + 2 alpha <delta, f*>
     - 2 beta <delta, c>; with gamma = alpha and s = 1 it is Eq. (17)'s generator loss, per sample."""

@@ -39,8 +39,11 @@ def setup(name):
 EQ = {"fm": "fm_eq2", "diffusion": "diffusion_eq1", "bridge": "bridge_eq41", "si": "si_eq42"}
 
 
-def families(*names):
-    return [pytest.param(n, id=EQ[n]) for n in (names or EQ)]
+def families(*names, graded=None):
+    """pytest params, one per family; graded = (family or "all", marker) marks those as a course exercise's graders."""
+    def marks(n):
+        return [graded[1]] if graded and graded[0] in (n, "all") else []
+    return [pytest.param(n, id=EQ[n], marks=marks(n)) for n in (names or EQ)]
 
 
 def draws(n=5, dtype=torch.float64, seed=0):
@@ -48,14 +51,14 @@ def draws(n=5, dtype=torch.float64, seed=0):
     return [torch.randn(n, D, generator=g, dtype=dtype) for _ in range(3)]
 
 
-@pytest.mark.parametrize("name", families())
+@pytest.mark.parametrize("name", families(graded=("bridge", pytest.mark.ex1)))
 def test_draw_starts_at_data_x0(name):
     path, _ = setup(name)
     x0, x1, z = draws()
     assert torch.allclose(path.draw(x0, x1, torch.zeros(5, dtype=torch.float64), z), x0)
 
 
-@pytest.mark.parametrize("name", families("fm", "bridge", "si"))
+@pytest.mark.parametrize("name", families("fm", "bridge", "si", graded=("bridge", pytest.mark.ex1)))
 def test_draw_ends_at_x1(name):
     path, _ = setup(name)
     x0, x1, z = draws()
@@ -93,11 +96,13 @@ def test_target_diffusion_eq1_is_the_noise_that_draw_added():
     assert torch.allclose(c, (path.draw(x0, eps, t, z) - a[:, None] * x0) / s[:, None])
 
 
+@pytest.mark.ex1
 def test_target_bridge_eq41_is_x0():
     x0, x1, z = draws()
     assert torch.equal(paths.Bridge(eps=0.5).target(x0, x1, torch.rand(5, dtype=torch.float64), z), x0)
 
 
+@pytest.mark.ex1
 def test_draw_bridge_eq41_follows_the_brownian_bridge_law():
     """Eq. (41): given (x0, x1), x_t is a Brownian bridge of variance rate eps_b from x0 to x1.
     Oracle: Monte Carlo of a Brownian motion W from x0 (increments N(0, eps_b dt) on a grid of 50),
@@ -150,7 +155,7 @@ def errors(p0, x0_true, x):
             float((mode_weights(p0, x) - p0.weights).abs().max()))
 
 
-@pytest.mark.parametrize("name", families())
+@pytest.mark.parametrize("name", families(graded=("diffusion", pytest.mark.ex7)))
 def test_sample_with_the_exact_field_reproduces_the_mixture(name):
     """Mean within 0.1, covariance within 0.25 (Frobenius), per-mode weights within 0.03 at 100
     steps (4000 samples), and 100 steps at least as good as 8 steps."""
@@ -165,7 +170,7 @@ def test_sample_with_the_exact_field_reproduces_the_mixture(name):
     assert fine[0] + fine[1] <= coarse[0] + coarse[1] + 0.02, (coarse, fine)
 
 
-@pytest.mark.parametrize("name", families("fm", "si"))
+@pytest.mark.parametrize("name", families("fm", "si", graded=("all", pytest.mark.ex8)))
 def test_generate_one_euler_step_from_the_exact_teacher_returns_the_data_mean(name):
     """G(x1) = x1 - f*(x1, 1) = E[x0], since x_1 = x1 carries no information on x0."""
     path, joint = setup(name)
