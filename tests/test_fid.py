@@ -33,7 +33,9 @@ def random_spd(d, rng):
 def test_frechet_distance_equal_covariances_is_squared_mean_distance():
     rng = np.random.default_rng(0)
     mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), random_spd(6, rng)
-    assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-8)
+    got, expected = fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2)
+    assert got == pytest.approx(expected, abs=1e-8), \
+        f"equal covariances: got {got:.8f}, expected ||mu1 - mu2||^2 = {expected:.8f}"
 
 
 @pytest.mark.ex10
@@ -43,7 +45,9 @@ def test_frechet_distance_diagonal_covariances_closed_form():
     mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
     a, b = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(expected, rel=1e-10), \
+        f"diagonal covariances: got {got:.8f}, expected ||mu1 - mu2||^2 + sum (sqrt a - sqrt b)^2 = {expected:.8f}"
 
 
 @pytest.mark.ex10
@@ -52,7 +56,25 @@ def test_frechet_distance_scaled_full_covariance_closed_form():
     rng = np.random.default_rng(2)
     mu, sigma, c = rng.standard_normal(7), random_spd(7, rng), 2.5
     expected = (1 - c) ** 2 * np.trace(sigma)
-    assert fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma) == pytest.approx(expected, rel=1e-8)
+    got = fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma)
+    assert got == pytest.approx(expected, rel=1e-8), \
+        f"sigma2 = c^2 sigma1: got {got:.8f}, expected (1 - c)^2 Tr(sigma1) = {expected:.8f}"
+
+
+@pytest.mark.ex10
+def test_frechet_distance_non_commuting_2x2_closed_form():
+    # for 2 x 2 M = sigma1 sigma2 (eigenvalues l1, l2 > 0): Tr M^(1/2) = sqrt(l1) + sqrt(l2) = sqrt(tr M + 2 sqrt(det M));
+    # the two covariances do not commute, so Tr(sigma1^(1/2) sigma2^(1/2)) is another number
+    s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.4], [-0.4, 0.5]])
+    mu1, mu2 = np.array([0.3, -1.0]), np.array([-0.2, 0.5])
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.5
+    m = s1 @ s2
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * math.sqrt(np.trace(m) + 2 * math.sqrt(
+        np.linalg.det(m)))
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(expected, rel=1e-10), (
+        f"non-commuting 2 x 2 covariances: got {got:.8f}, expected {expected:.8f} from Tr (sigma1 sigma2)^(1/2) = "
+        "sqrt(tr M + 2 sqrt(det M))")
 
 
 @pytest.mark.ex10
@@ -61,7 +83,8 @@ def test_frechet_distance_of_a_gaussian_with_itself_is_zero():
     rng = np.random.default_rng(3)
     q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
     mu, sigma = rng.standard_normal(16), q @ np.diag(np.logspace(-2, 2, 16)) @ q.T
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    got = fid.frechet_distance(mu, sigma, mu, sigma)
+    assert abs(got) < 1e-8, f"a Gaussian against itself: got {got:.3g}, expected 0"
 
 
 @pytest.mark.ex10
@@ -69,7 +92,8 @@ def test_frechet_distance_is_symmetric():
     rng = np.random.default_rng(4)
     mu1, mu2, s1, s2 = rng.standard_normal(8), rng.standard_normal(8), random_spd(8, rng), random_spd(8, rng)
     d12, d21 = fid.frechet_distance(mu1, s1, mu2, s2), fid.frechet_distance(mu2, s2, mu1, s1)
-    assert d12 > 0.1 and d12 == pytest.approx(d21, rel=1e-9)
+    assert d12 > 0.1 and d12 == pytest.approx(d21, rel=1e-9), \
+        f"symmetry: d(1, 2) = {d12:.8f}, d(2, 1) = {d21:.8f}; expected equal and > 0.1"
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # scipy's own note on the singular product
@@ -169,10 +193,11 @@ def tf1_resize_loop(img, size):
 def test_resize_tf1_matches_per_pixel_loop_of_tf1_rule(h, w, size):
     img = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
     out = fid.resize_tf1(img.float(), size)
-    assert out.shape == (2, 3, size, size)
+    assert out.shape == (2, 3, size, size), f"resize to {size}: got shape {tuple(out.shape)}"
     for b, c in [(0, 0), (1, 2)]:
         expected = tf1_resize_loop(img[b, c].double().numpy(), size)
-        np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3)  # float32 on a 0..255 scale
+        np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3,  # float32 on a 0..255 scale
+                                   err_msg=f"{h} x {w} -> {size}: against TF1's rule, one pixel at a time")
 
 
 @pytest.mark.ex9
@@ -184,7 +209,8 @@ def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
     out = fid.resize_tf1((x + 10 * y)[None, None].float(), size)[0, 0].double()
     i = torch.arange(size, dtype=torch.float64)
     ys, xs = (i * h / size).clamp(max=h - 1), (i * w / size).clamp(max=w - 1)
-    torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4, msg=lambda m: (
+        f"a ramp x + 10 y, {h} x {w} -> {size}: against the ramp at TF1's sample points i * in / size, clamped; {m}"))
 
 
 @pytest.mark.ex9
@@ -192,7 +218,9 @@ def test_resize_tf1_is_not_interpolate_half_pixel_rule():
     # the two rules sample different coordinates, so they disagree by whole grey levels
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()
     other = torch.nn.functional.interpolate(img, size=299, mode="bilinear", align_corners=False)
-    assert (fid.resize_tf1(img, 299) - other).abs().max() > 10
+    diff = float((fid.resize_tf1(img, 299) - other).abs().max())
+    assert diff > 10, (f"resize_tf1 against F.interpolate's half-pixel rule: largest difference {diff:.3g} grey "
+                       "levels, expected > 10 (TF1 samples i * in / size, not (i + 0.5) * in / size - 0.5)")
 
 
 def test_preprocess_maps_uint8_to_network_range():
