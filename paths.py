@@ -289,11 +289,14 @@ class ExactField:
         return mu_x, cov_xx, mu_c, C @ cov @ M.transpose(-1, -2)
 
     def _posterior(self, x, t):
-        mu_x, cov_xx, mu_c, cov_cx = self._moments(t)
-        diff = x.double()[:, None] - mu_x  # (B, K, dx)
+        # the moments once per distinct time (a sampler step, a test at fixed t), then per sample
+        times, index = torch.unique(t.double(), return_inverse=True)
+        mu_x, cov_xx, mu_c, cov_cx = self._moments(times)
         L = torch.linalg.cholesky(cov_xx)
-        sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
         log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        mu_x, L, mu_c, cov_cx, log_det = (v[index] for v in (mu_x, L, mu_c, cov_cx, log_det))
+        diff = x.double()[:, None] - mu_x  # (B, K, dx)
+        sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
         log_p = -0.5 * ((diff[..., None] * sol).sum((-1, -2)) + log_det + diff.shape[-1] * math.log(2 * math.pi))
         return self.joint.weights.log() + log_p, mu_c + (cov_cx @ sol)[..., 0]  # (B, K), (B, K, d)
 

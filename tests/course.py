@@ -280,7 +280,8 @@ def wrong_answers():
 
 
 def apply_patch(directory, n, hunks):
-    """Apply the hunks; each one's old lines must occur once, inside a region of exercise n."""
+    """Apply the hunks; each one's old lines must occur once, inside a region of exercise n or of one enclosing
+    it (exercise 5's lines sit inside 3, 4 and 6)."""
     for name, old, new in hunks:
         path = os.path.join(directory, name)
         with open(path) as f:
@@ -289,7 +290,7 @@ def apply_patch(directory, n, hunks):
             raise ValueError(f"{name}: the lines to replace occur {text.count(old)} times:\n{old}")
         start = text[:text.index(old)].count("\n")
         end = start + old.count("\n")
-        if not any(m == n and a < start and end < b for m, a, b, _ in regions(text)):
+        if not any(m in {n} | enclosing(n) and a < start and end < b for m, a, b, _ in regions(text)):
             raise ValueError(f"{name}: the wrong answer to exercise {n} is not inside its markers:\n{old}")
         with open(path, "w") as f:
             f.write(text.replace(old, new))
@@ -306,8 +307,8 @@ def check_one(item):
     return n, mistake, failing, total, result["errors"]
 
 
-def check_graders(jobs):
-    items = wrong_answers()
+def check_graders(jobs, exercises=None):
+    items = [w for w in wrong_answers() if not exercises or w[0] in exercises]
     print(f"grading the solution, then {len(items)} wrong answers ({jobs} at a time) ...", flush=True)
     solution = grade(ROOT)
     if any(r["passed"] < r["total"] for r in solution.values()):
@@ -368,6 +369,8 @@ def main(argv=None):
     g.add_argument("--json", help="also write the result as Gradescope's results.json to this file")
     c = sub.add_parser("check-graders", help="show that every wrong answer in tests/wrong_answers fails its graders")
     c.add_argument("--jobs", type=int, default=2, help="grading processes at a time")
+    c.add_argument("--exercise", type=int, choices=sorted(EXERCISES), action="append",
+                   help="only this exercise's wrong answers (repeatable)")
     args = p.parse_args(argv)
     if args.command == "student":
         student(args.out)
@@ -380,7 +383,7 @@ def main(argv=None):
             write_atomic(args.json, json.dumps(gradescope(report), indent=2) + "\n")
         sys.exit(0 if all(r["total"] and r["passed"] == r["total"] for r in report.values()) else 1)
     else:
-        check_graders(args.jobs)
+        check_graders(args.jobs, args.exercise)
 
 
 if __name__ == "__main__":

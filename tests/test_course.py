@@ -86,3 +86,17 @@ def test_gradescope_json_has_one_entry_per_exercise_with_score_and_max_score():
 def test_student_refuses_an_existing_folder(tmp_path, capsys):
     with pytest.raises(SystemExit, match="exists"):
         course.main(["student", str(tmp_path)])
+
+
+def test_wrong_answers_are_at_least_40_each_inside_its_exercise_and_every_exercise_has_some(tmp_path):
+    """The data of check-graders: each patch applies once, inside its exercise's markers, and changes the code."""
+    items = course.wrong_answers()
+    assert len(items) >= 40, len(items)
+    assert {n for n, *_ in items} == set(course.EXERCISES)
+    for name in course.SOURCES:
+        (tmp_path / name).write_text(source(name))
+    for n, mistake, hunks in items:
+        course.apply_patch(str(tmp_path), n, hunks)  # raises if a hunk is not found once inside exercise n
+        for name in course.SOURCES:
+            (tmp_path / name).write_text(source(name))
+        assert all(old != new for _, old, new in hunks), mistake
