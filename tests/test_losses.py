@@ -378,7 +378,9 @@ def test_realuid_loss_eq17_is_the_generated_terms_by_hand_and_eq12_at_alpha_beta
 @pytest.mark.parametrize("name", ["realuid_loss", "general_generator_loss"])
 def test_generator_step_cut_only_the_generator_gets_gradients(name):
     """Generator step: f* and f are fixed (no gradient, flags untouched), also when passed wrapped in
-    a lambda; theta's gradient is the one plain autograd gives with f*, f switched off by hand."""
+    a lambda; theta's gradient is the one plain autograd gives for the loss written by hand (Eq. 17, or
+    Def. 3's generated bracket at gamma = alpha, delta = f* - f) with f*, f switched off: the gradient
+    reaches theta through x_t (into f* and f) and through c."""
     f_star, f_fake, gen = mlps(1)
     x1, u = torch.randn(64, 1, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
     t, xi = torch.rand(64, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
@@ -396,11 +398,18 @@ def test_generator_step_cut_only_the_generator_gets_gradients(name):
         assert all(p.requires_grad for m in (f_star, f_fake) for p in m.parameters()), \
             f"{name}: requires_grad of f* or f was switched off and not restored"
     for p in list(f_star.parameters()) + list(f_fake.parameters()):
-        p.requires_grad_(False)  # the reference: plain autograd with f*, f off
-    reference = torch.autograd.grad(loss(f_star, f_fake), list(gen.parameters()))
+        p.requires_grad_(False)  # the reference: plain autograd with f*, f off, the loss written here
+    xt, c = fm_by_hand(gen(u, torch.ones(64, dtype=torch.float64)), x1, t)
+    out_star, out_fake = f_star(xt, t), f_fake(xt, t)
+    if name == "realuid_loss":
+        by_hand = ALPHA * (sq(out_star - BETA / ALPHA * c) - sq(out_fake - BETA / ALPHA * c))
+    else:
+        delta = out_star - out_fake
+        by_hand = -ALPHA * sq(delta) + 2 * ALPHA * (delta * out_star).sum(1) - 2 * BETA * (delta * c).sum(1)
+    reference = torch.autograd.grad(by_hand.mean(), list(gen.parameters()))
     for got, ref in zip(g_theta[:n], reference):
-        assert_close(got, ref, f"{name}: theta's gradient against plain autograd with f*, f switched off "
-                     "(through x_t into f*, f and through c)", rtol=1e-10, atol=1e-14)
+        assert_close(got, ref, f"{name}: theta's gradient against plain autograd of the loss by hand with f*, f "
+                     "switched off (through x_t into f*, f and through c)", rtol=1e-10, atol=1e-14)
 
 
 def test_realuid_loss_eq17_validates_its_arguments():
