@@ -10,8 +10,6 @@ Two kinds of gradient cut, one mechanism each, both applied here next to their e
 - a network is fixed in a step (f* always, f in the generator step): `fixed(f)`, which keeps the
   gradient through the network's input and gives its weights none.
 """
-from contextlib import contextmanager
-
 import torch
 
 
@@ -170,18 +168,3 @@ def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
     return bracket(delta_scale * (out_star - out_fake), out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3
     # END SOLUTION 6
 
-
-@contextmanager
-def frozen(*modules):
-    """Switch off requires_grad of the modules' parameters for the block, then restore each flag.
-    The generator losses no longer need it (they use `fixed`); kept so that older callers work,
-    and harmless when nested."""
-    params = [p for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)

@@ -104,6 +104,17 @@ def workspace(src, dst):
     shutil.copytree(TESTS, os.path.join(dst, "tests"), ignore=shutil.ignore_patterns("__pycache__", "wrong_answers"))
 
 
+def grader_modules():
+    """The test files that hold graders (collecting the others would only import the entry scripts)."""
+    out = []
+    for name in sorted(os.listdir(TESTS)):
+        if name.startswith("test_") and name.endswith(".py"):
+            with open(os.path.join(TESTS, name)) as f:
+                if re.search(r"pytest\.mark\.ex\d+", f.read()):
+                    out.append(f"tests/{name}")
+    return out
+
+
 def run_graders(directory, exercises):
     """One pytest process over the graders of `exercises` in `directory` (a workspace).
     Returns {nodeid: (exercise, passed, message)} and the collection errors."""
@@ -111,7 +122,7 @@ def run_graders(directory, exercises):
     os.close(fd)
     env = dict(os.environ, PYTHONPATH=directory, COURSE_RESULTS=out)
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.course", "--tb=short",
-           "-m", " or ".join(f"ex{n}" for n in exercises), "tests"]
+           "-m", " or ".join(f"ex{n}" for n in exercises), *grader_modules()]
     try:
         proc = subprocess.run(cmd, cwd=directory, env=env, capture_output=True, text=True, timeout=TIMEOUT)
         with open(out) as f:
@@ -131,7 +142,7 @@ def expected_graders(exercises):
         workspace(ROOT, tmp)
         env = dict(os.environ, PYTHONPATH=tmp, COURSE_RESULTS=os.path.join(tmp, "collected.json"))
         subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.course",
-                        "--collect-only", "-m", " or ".join(f"ex{n}" for n in exercises), "tests"],
+                        "--collect-only", "-m", " or ".join(f"ex{n}" for n in exercises), *grader_modules()],
                        cwd=tmp, env=env, capture_output=True, timeout=TIMEOUT)
         with open(env["COURSE_RESULTS"]) as f:
             return {k: v[0] for k, v in json.load(f)["tests"].items()}

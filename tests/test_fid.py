@@ -63,7 +63,8 @@ def test_frechet_distance_scaled_full_covariance_closed_form():
 
 @pytest.mark.ex10
 def test_frechet_distance_non_commuting_2x2_closed_form():
-    # for 2 x 2 M = sigma1 sigma2 (eigenvalues l1, l2 > 0): Tr M^(1/2) = sqrt(l1) + sqrt(l2) = sqrt(tr M + 2 sqrt(det M));
+    # for 2 x 2 M = sigma1 sigma2 (eigenvalues l1, l2 > 0): Tr M^(1/2) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr M + 2 sqrt(det M));
     # the two covariances do not commute, so Tr(sigma1^(1/2) sigma2^(1/2)) is another number
     s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.4], [-0.4, 0.5]])
     mu1, mu2 = np.array([0.3, -1.0]), np.array([-0.2, 0.5])
@@ -475,7 +476,7 @@ def test_cli_fid_between_stats_files_prints_the_closed_form_distance(tmp_path, m
     assert code == 0 and out.strip() == f"FID {expected:.4f}"  # stats files need no network and no weights
 
 
-# ----------------------------------------------------------------------------- command line: wrong input, said in one line
+# --------------------------------------------------------------------- command line: wrong input, said in one line
 def cli(monkeypatch, capsys, *argv):
     """fid.main() with these arguments -> (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["fid.py", *map(str, argv)])
@@ -562,7 +563,8 @@ def test_cli_checks_counts_and_out_before_the_network(tmp_path, monkeypatch, cap
 def test_png_16_bit_keeps_the_high_byte_as_tensorflow_decode_png(tmp_path):
     # D15: 16-bit grey PNGs were clipped to 255; TF's decode_png(dtype=uint8) keeps the high byte (png_set_strip_16)
     rng = np.random.default_rng(9)
-    grey, rgb = rng.integers(0, 65536, (2, 4, 5), dtype=np.uint16), rng.integers(0, 65536, (2, 4, 5, 3), dtype=np.uint16)
+    grey = rng.integers(0, 65536, (2, 4, 5), dtype=np.uint16)
+    rgb = rng.integers(0, 65536, (2, 4, 5, 3), dtype=np.uint16)
     grey8 = rng.integers(0, 256, (2, 4, 5), dtype=np.uint8)
     for name, imgs, expected in [("grey16", grey, np.repeat(grey[..., None] >> 8, 3, axis=3)),
                                  ("rgb16", rgb, rgb >> 8), ("grey8", grey8, np.repeat(grey8[..., None], 3, axis=3))]:
@@ -629,7 +631,8 @@ def test_cli_real_write_failure_is_one_line_and_exit_status_1(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([sys.executable, fid.__file__, "stats", str(tmp_path / "src.npz"), "--out",
-                        str(tmp_path / "out.npz")], capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
+                        str(tmp_path / "out.npz")],
+                       capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
     assert (r.returncode, r.stdout) == (1, "") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("fid.py: error: could not write") and "File too large" in r.stderr
     assert os.listdir(tmp_path) == ["src.npz"]
