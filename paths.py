@@ -289,12 +289,15 @@ class ExactField:
         return mu_x, cov_xx, mu_c, C @ cov @ M.transpose(-1, -2)
 
     def _posterior(self, x, t):
-        # the moments once per distinct time (a sampler step, a test at fixed t), then per sample
-        times, index = torch.unique(t.double(), return_inverse=True)
+        # the moments once per distinct time (one for a sampler step or a test at fixed t), then per sample
+        t = t.double()
+        one_time = bool((t == t[0]).all())
+        times, index = (t[:1], None) if one_time else torch.unique(t, return_inverse=True)
         mu_x, cov_xx, mu_c, cov_cx = self._moments(times)
         L = torch.linalg.cholesky(cov_xx)
         log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
-        mu_x, L, mu_c, cov_cx, log_det = (v[index] for v in (mu_x, L, mu_c, cov_cx, log_det))
+        if not one_time:  # one time broadcasts as it is
+            mu_x, L, mu_c, cov_cx, log_det = (v[index] for v in (mu_x, L, mu_c, cov_cx, log_det))
         diff = x.double()[:, None] - mu_x  # (B, K, dx)
         sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
         log_p = -0.5 * ((diff[..., None] * sol).sum((-1, -2)) + log_det + diff.shape[-1] * math.log(2 * math.pi))

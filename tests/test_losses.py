@@ -130,16 +130,24 @@ def slope_and_curvature(loss_of):
     return (lp - lm) / (4 * e), (lp + lm - 2 * l0) / (2 * e * e)
 
 
-def remembered(f):
-    """f with its values kept per input: the loss is evaluated at three e on the same x_t (no gradients here)."""
-    values = {}
+class Remembered:
+    """An exact field with its values and densities kept per input: the stationarity graders evaluate the
+    loss at three e on the same x_t (values only, no gradients)."""
 
-    def g(x, t):
-        key = (x.detach().numpy().tobytes(), t.detach().numpy().tobytes())
-        if key not in values:
-            values[key] = f(x, t).detach()
-        return values[key]
-    return g
+    def __init__(self, f):
+        self.f, self.values = f, {}
+
+    def get(self, fn, x, t):
+        key = (fn.__name__, x.detach().numpy().tobytes(), t.detach().numpy().tobytes())
+        if key not in self.values:
+            self.values[key] = fn(x, t).detach()
+        return self.values[key]
+
+    def __call__(self, x, t):
+        return self.get(self.f.__call__, x, t)
+
+    def log_marginal(self, x, t):
+        return self.get(self.f.log_marginal, x, t)
 
 
 def perturbed(f, e):
@@ -256,7 +264,7 @@ def test_realum_loss_eq16_minimiser_on_real_data_is_the_teacher():
     """Teacher invariance of Eq. (16): with p^theta = p*, argmin_f L_R-UM = f* for beta/alpha != 1;
     with a different p^theta, f* is no longer the minimiser."""
     p_star = real_mixture()
-    f_teacher = remembered(field(p_star))
+    f_teacher = Remembered(field(p_star))
     x1, t, xi = draws(100000, 0)
     x0_real = p_star.sample(100000).double()
     gens = [(p_star.sample(100000).double(), True), (gauss(0.5, 0.3).sample(100000).double(), False)]
@@ -269,11 +277,11 @@ def test_realum_loss_eq16_minimiser_on_real_data_is_the_teacher():
 @pytest.mark.ex3
 def test_realum_loss_eq16_minimiser_is_the_eq22_optimal_fake_model():
     p_star, p_gen = real_mixture(), gauss(0.5, 0.3)
-    f_opt = eq22(field(p_star), field(p_gen), ALPHA, BETA)
+    f_opt = eq22(Remembered(field(p_star)), Remembered(field(p_gen)), ALPHA, BETA)
     x1, t, xi = draws(100000, 1)
     x0_gen, x0_real = p_gen.sample(100000).double(), p_star.sample(100000).double()
     B, C = slope_and_curvature(lambda e: float(losses.realum_loss(
-        FM, perturbed(remembered(f_opt), e), x0_gen, x0_real, x1, ALPHA, BETA, t, xi).mean()))
+        FM, perturbed(f_opt, e), x0_gen, x0_real, x1, ALPHA, BETA, t, xi).mean()))
     assert_stationary(B, C, "Eq. (16) along f_opt + e h, f_opt the optimum of Eq. (22) by quadrature")
 
 
@@ -428,17 +436,16 @@ def test_general_fake_loss_def3_optimum_for_gamma_and_delta_scale():
     gamma = alpha optimum, is not optimal when gamma != alpha."""
     gamma, s = 0.5, BETA
     p_star, p_gen = real_mixture(), gauss(0.5, 0.3)
-    f_star, f_gen = field(p_star), field(p_gen)
+    f_star, f_gen = Remembered(field(p_star)), Remembered(field(p_gen))
     delta_opt = general_delta_opt(f_star, f_gen, ALPHA, BETA, gamma)
 
     def f_opt(x, t):
         return f_star(x, t) - delta_opt(x, t) / s
-    f_teacher = remembered(f_star)
     x1, t, xi = draws(100000, 7)
     x0_gen, x0_real = p_gen.sample(100000).double(), p_star.sample(100000).double()
     for f, optimal in [(f_opt, True), (eq22(f_star, f_gen, ALPHA, BETA), False)]:
         B, C = slope_and_curvature(lambda e: float(losses.general_fake_loss(
-            FM, f_teacher, perturbed(remembered(f), e), x0_gen, x0_real, x1, ALPHA, BETA, gamma, s, t, xi).mean()))
+            FM, f_star, perturbed(f, e), x0_gen, x0_real, x1, ALPHA, BETA, gamma, s, t, xi).mean()))
         which = "App. A.2's optimum" if optimal else "Eq. (22)'s optimum (not optimal when gamma != alpha)"
         assert_stationary(B, C, f"Def. 3 fake loss along f + e h with f {which}", optimal)
 
