@@ -90,6 +90,8 @@ def test_student_refuses_an_existing_folder(tmp_path, capsys):
 
 def test_wrong_answers_are_at_least_40_each_inside_its_exercise_and_every_exercise_has_some(tmp_path):
     """The data of check-graders: each patch applies once, inside its exercise's markers, and changes the code."""
+    if not os.path.isdir(course.WRONG):
+        pytest.skip("a hand-out copy: the wrong answers stay with the lecturer")
     items = course.wrong_answers()
     assert len(items) >= 40, len(items)
     assert {n for n, *_ in items} == set(course.EXERCISES)
