@@ -68,7 +68,7 @@ def test_frechet_distance_non_commuting_2x2_closed_form():
     # the two covariances do not commute, so Tr(sigma1^(1/2) sigma2^(1/2)) is another number
     s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.4], [-0.4, 0.5]])
     mu1, mu2 = np.array([0.3, -1.0]), np.array([-0.2, 0.5])
-    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.5
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.5, "the oracle's covariances must not commute"
     m = s1 @ s2
     expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * math.sqrt(np.trace(m) + 2 * math.sqrt(
         np.linalg.det(m)))

@@ -362,7 +362,7 @@ def test_realuid_loss_eq17_gradient_is_the_gradient_of_lemma2_eq18(alpha, beta):
     h = 1e-4
     exact = torch.tensor([(value(mu + h, sigma) - value(mu - h, sigma)) / (2 * h),
                           (value(mu, sigma + h) - value(mu, sigma - h)) / (2 * h)], dtype=torch.float64)
-    assert exact[0] > 0.5  # the generator sits right of mu* = -2: moving left lowers the value
+    assert exact[0] > 0.5, f"the oracle: d value / d mu = {float(exact[0]):.3f}, expected > 0.5 (mu* = -2 is left)"
     assert torch.all((mc - exact).abs() < 4 * se + 0.02 * exact.abs()), (
         f"gradient of Eq. (17) in (mu, sigma): got {mc.tolist()} +- {se.tolist()} (Monte Carlo), expected "
         f"{exact.tolist()}, the derivative of Lemma 2's value, Eq. (18), by finite differences of quadrature")
