@@ -9,7 +9,6 @@ a closed form is pointwise in x (Eq. 22, Lemma 2), common random numbers for Mon
 """
 import math
 
-import numpy as np
 import pytest
 import torch
 
