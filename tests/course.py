@@ -29,10 +29,10 @@ EXERCISES = {
     2: ("the UM loss, Eq. (3)", 5),
     3: ("the RealUM fake-model loss, Eq. (16)", 15),
     4: ("the RealUID generator loss, Eq. (17)", 10),
-    5: ("the gradient cuts of the fake and generator steps", 10),
+    5: ("the gradient cuts of the fake and generator steps, Eqs. (16)-(17)", 10),
     6: ("the general gamma loss, App. A.2 Def. 3", 15),
     7: ("the DDIM sampler of VP diffusion, Eq. (1)", 10),
-    8: ("the one-step generator G(z) = z - g(z, 1)", 5),
+    8: ("the one-step generator G(z) = z - g(z, 1), Sec. 3", 5),
     9: ("TensorFlow 1's bilinear resize for FID", 10),
     10: ("the Frechet distance", 10),
 }
@@ -169,12 +169,13 @@ def grade(directory, exercises=tuple(EXERCISES)):
 
 
 def table(report):
-    rows = [f"{'ex':>3}  {'title':<52} {'points':>6} {'passed':>7} {'score':>6}"]
+    w = max(len(r["title"]) for r in report.values())
+    rows = [f"{'ex':>3}  {'title':<{w}} {'points':>6} {'passed':>7} {'score':>6}"]
     for n, r in report.items():
-        rows.append(f"{n:>3}  {r['title']:<52} {r['points']:>6} {r['passed']:>3}/{r['total']:<3} {r['score']:>6.1f}")
+        rows.append(f"{n:>3}  {r['title']:<{w}} {r['points']:>6} {r['passed']:>3}/{r['total']:<3} {r['score']:>6.1f}")
     total, points = sum(r["score"] for r in report.values()), sum(r["points"] for r in report.values())
     passed, count = sum(r["passed"] for r in report.values()), sum(r["total"] for r in report.values())
-    rows.append(f"{'':>3}  {'total':<52} {points:>6} {passed:>3}/{count:<3} {total:>6.1f}")
+    rows.append(f"{'':>3}  {'total':<{w}} {points:>6} {passed:>3}/{count:<3} {total:>6.1f}")
     rows.append(f"score: {total:g} of {points} points")
     return "\n".join(rows)
 
