@@ -269,6 +269,7 @@ def resize_tf1(x, size=299):
     """Bilinear resize of float (B, C, H, W) to (B, C, size, size) by TensorFlow 1's rule: output pixel i
     samples input coordinate i * in / size, between floor and floor + 1 clamped at the border
     (F.interpolate with align_corners=False samples (i + 0.5) * in / size - 0.5 instead)."""
+    # BEGIN SOLUTION 9
     def taps(n_in):
         src = torch.arange(size, device=x.device, dtype=torch.float32) * (n_in / size)  # float32, as TF
         i0 = src.floor().long()
@@ -280,6 +281,7 @@ def resize_tf1(x, size=299):
     x = left + (right - left) * wc
     top, bottom = x[:, :, r0], x[:, :, r1]  # (B, C, size, size)
     return top + (bottom - top) * wr[:, None]
+    # END SOLUTION 9
 
 
 def preprocess(images):
@@ -330,7 +332,10 @@ def stats(feats):
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
-    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D) -> float."""
+    """Frechet distance between N(mu1, sigma1) and N(mu2, sigma2): mu (D,), sigma (D, D) float64 -> float,
+    ||mu1 - mu2||^2 + Tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2)). As pytorch-fid: when the square root is
+    not finite, warn and retry with eps added to both diagonals; a square root with an imaginary diagonal
+    (> 1e-3) is an error, otherwise its real part is used."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
     sigma1, sigma2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
@@ -338,6 +343,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         raise ValueError(f"frechet_distance: shapes {mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape} "
                          "are not mu (D,), sigma (D, D) of one D")
     check_finite("frechet_distance", mu1, sigma1, mu2, sigma2)
+    # BEGIN SOLUTION 10
     covmean = scipy.linalg.sqrtm(sigma1 @ sigma2)  # (sigma1 sigma2)^(1/2)
     if not np.isfinite(covmean).all():
         warnings.warn(f"sqrtm(sigma1 sigma2) is not finite (near-singular product); adding {eps} to the diagonals")
@@ -351,6 +357,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
         covmean = covmean.real
     diff = mu1 - mu2
     fd = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
+    # END SOLUTION 10
     check_finite("frechet_distance: the result", fd)  # finite inputs can still overflow
     return fd
 

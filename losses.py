@@ -1,17 +1,15 @@
 """Losses of RealUID, generic over the path (paths.py). Paper convention: data x0 at t = 0.
 
-Every loss has one shape: draw t and z (unless given), build x_t and c with the path (`draw`,
+Every loss has one shape: draw t and the family noise xi (unless given), build x_t and c with the path (`draw`,
 `target`), call the models, and return one formula (its `# Eq. (n)` line) as per-sample values of
 shape (B,), summed over the data dimensions; callers take the mean. The generated and the real
-terms of one loss share t, x1 and z, as in the paper. Models are callables f(x, t) (see paths.py).
+terms of one loss share t, x1 and xi, as in the paper. Models are callables f(x, t) (see paths.py).
 
 Two kinds of gradient cut, one mechanism each, both applied here next to their equation:
 - a generated sample is plain data for the fake step (no gradient to theta): `x0_gen.detach()`;
 - a network is fixed in a step (f* always, f in the generator step): `fixed(f)`, which keeps the
   gradient through the network's input and gives its weights none.
 """
-from contextlib import contextmanager
-
 import torch
 
 
@@ -40,13 +38,14 @@ def dot(u, v):
     return (u * v).flatten(1).sum(1)
 
 
-def _draws(path, x0, t, z):
+def _draws(path, x0, t, xi):
     t = path.sample_t(len(x0), x0.device) if t is None else t
-    return t, torch.randn_like(x0) if z is None else z
+    return t, torch.randn_like(x0) if xi is None else xi
 
 
-def _check_real(x0_real):
-    if x0_real is None:
+def check_real(x0_real, alpha, gamma=None):
+    """Real data is needed unless the loss is data-free: alpha = 1 (so beta = 1) and gamma = 1 (or absent)."""
+    if x0_real is None and (alpha < 1 or (gamma is not None and gamma < 1)):
         raise ValueError("x0_real is required unless alpha = beta = gamma = 1 (data-free UID, Eq. 13)")
 
 
@@ -76,36 +75,46 @@ def fixed(f):
     return lambda x, t: _InputGradOnly.apply(x, t, f)
 
 
-def um_loss(path, f, x0, x1, t=None, z=None):
+def um_loss(path, f, x0, x1, t=None, xi=None):
     """Teacher loss, Eq. (3): ||f(x_t) - c||^2, (B,)."""
-    t, z = _draws(path, x0, t, z)
-    xt, c = path.draw(x0, x1, t, z), path.target(x0, x1, t, z)
+    t, xi = _draws(path, x0, t, xi)
+    # BEGIN SOLUTION 2
+    xt, c = path.draw(x0, x1, t, xi), path.target(x0, x1, t, xi)
     return sq(path.field(f, xt, t, x1) - c)  # Eq. (3)
+    # END SOLUTION 2
 
 
-def realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta, t=None, z=None):
+def realum_loss(path, f_fake, x0_gen, x0_real, x1, alpha, beta, t=None, xi=None):
     """Fake-model step, Eq. (16), (B,). x0_real may be None when alpha = beta = 1 (data-free UID, Eq. 13)."""
     check_alpha_beta(alpha, beta)
-    t, z = _draws(path, x0_gen, t, z)
+    check_real(x0_real, alpha)
+    t, xi = _draws(path, x0_gen, t, xi)
+    # BEGIN SOLUTION 3
+    # BEGIN SOLUTION 5
     x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
-    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # END SOLUTION 5
+    xt, c = path.draw(x0_gen, x1, t, xi), path.target(x0_gen, x1, t, xi)
     loss = alpha * sq(path.field(f_fake, xt, t, x1) - beta / alpha * c)  # Eq. (16), generated term
-    if alpha < 1:
-        _check_real(x0_real)
-        xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+    if alpha < 1:  # alpha = 1 forces beta = 1: no real term, data-free (Eq. 13)
+        xt_r, c_r = path.draw(x0_real, x1, t, xi), path.target(x0_real, x1, t, xi)
         loss = loss + (1 - alpha) * sq(path.field(f_fake, xt_r, t, x1) - (1 - beta) / (1 - alpha) * c_r)  # real term
     return loss
+    # END SOLUTION 3
 
 
-def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, z=None):
+def realuid_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, t=None, xi=None):
     """Generator step of Eq. (17) at generated x0, (B,). The gradient reaches theta through x_t and c;
     the real term of Eq. (16) does not depend on theta and is dropped."""
     check_alpha_beta(alpha, beta)
-    t, z = _draws(path, x0_gen, t, z)
-    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    t, xi = _draws(path, x0_gen, t, xi)
+    # BEGIN SOLUTION 4
+    xt, c = path.draw(x0_gen, x1, t, xi), path.target(x0_gen, x1, t, xi)
+    # BEGIN SOLUTION 5
     # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
     out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    # END SOLUTION 5
     return alpha * (sq(out_star - beta / alpha * c) - sq(out_fake - beta / alpha * c))  # Eq. (17)
+    # END SOLUTION 4
 
 
 def bracket(delta, out_star, c, w_delta, w_star, w_c):
@@ -114,51 +123,48 @@ def bracket(delta, out_star, c, w_delta, w_star, w_c):
 
 
 def general_fake_loss(path, f_star, f_fake, x0_gen, x0_real, x1, alpha, beta, gamma,
-                      delta_scale=1.0, t=None, z=None):
+                      delta_scale=1.0, t=None, xi=None):
     """Fake step of the general RealUID loss (App. A.2 Def. 3) with delta = delta_scale (f* - f), (B,):
     minus [gen bracket (gamma, alpha, beta) + real bracket (1 - gamma, 1 - alpha, 1 - beta)].
     delta_scale = beta gives the delta = beta (f* - f) parametrisation."""
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
-    t, z = _draws(path, x0_gen, t, z)
+    check_real(x0_real, alpha, gamma)
+    t, xi = _draws(path, x0_gen, t, xi)
+    # BEGIN SOLUTION 6
+    # BEGIN SOLUTION 5
     x0_gen = x0_gen.detach()  # cut: the fake step trains f only, the generated sample is plain data
-    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    # END SOLUTION 5
+    xt, c = path.draw(x0_gen, x1, t, xi), path.target(x0_gen, x1, t, xi)
+    # BEGIN SOLUTION 5
     out_star = path.field(fixed(f_star), xt, t, x1)  # cut: the teacher is fixed
+    # END SOLUTION 5
     delta = delta_scale * (out_star - path.field(f_fake, xt, t, x1))
     objective = bracket(delta, out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3, generated bracket
-    if gamma < 1 or alpha < 1:
-        _check_real(x0_real)
-        xt_r, c_r = path.draw(x0_real, x1, t, z), path.target(x0_real, x1, t, z)
+    if gamma < 1 or alpha < 1:  # the real bracket vanishes only at alpha = beta = gamma = 1
+        xt_r, c_r = path.draw(x0_real, x1, t, xi), path.target(x0_real, x1, t, xi)
+        # BEGIN SOLUTION 5
         out_star_r = path.field(fixed(f_star), xt_r, t, x1)  # cut: the teacher is fixed
+        # END SOLUTION 5
         delta_r = delta_scale * (out_star_r - path.field(f_fake, xt_r, t, x1))
         objective = objective + bracket(delta_r, out_star_r, c_r, 1 - gamma, 1 - alpha, 1 - beta)  # real bracket
     return -objective  # the fake model maximises the objective
+    # END SOLUTION 6
 
 
 def general_generator_loss(path, f_star, f_fake, x0_gen, x1, alpha, beta, gamma,
-                           delta_scale=1.0, t=None, z=None):
+                           delta_scale=1.0, t=None, xi=None):
     """Generator step of the general RealUID loss (App. A.2 Def. 3): the generated bracket only, (B,),
     with the gradient through x_t^theta (inputs of f* and f) and c^theta."""
     check_alpha_beta(alpha, beta)
     check_gamma(gamma)
-    t, z = _draws(path, x0_gen, t, z)
-    xt, c = path.draw(x0_gen, x1, t, z), path.target(x0_gen, x1, t, z)
+    t, xi = _draws(path, x0_gen, t, xi)
+    # BEGIN SOLUTION 6
+    xt, c = path.draw(x0_gen, x1, t, xi), path.target(x0_gen, x1, t, xi)
+    # BEGIN SOLUTION 5
     # cut: f* and f are fixed in the generator step; theta moves them only through their input x_t
     out_star, out_fake = path.field(fixed(f_star), xt, t, x1), path.field(fixed(f_fake), xt, t, x1)
+    # END SOLUTION 5
     return bracket(delta_scale * (out_star - out_fake), out_star, c, gamma, alpha, beta)  # App. A.2 Def. 3
+    # END SOLUTION 6
 
-
-@contextmanager
-def frozen(*modules):
-    """Switch off requires_grad of the modules' parameters for the block, then restore each flag.
-    The generator losses no longer need it (they use `fixed`); kept so that older callers work,
-    and harmless when nested."""
-    params = [p for m in modules if isinstance(m, torch.nn.Module) for p in m.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in zip(params, flags):
-            p.requires_grad_(flag)

@@ -5,8 +5,10 @@
 | x0           | x0            | (B, *D)   | data end: real (p0*) or generated (p0^theta)                   |
 | x1           | x1            | (B, *D)   | noise (fm; diffusion's eps), observation of x0 (bridge), source (si) |
 | t            | t             | (B,)      | float time in [0, 1]; sampling runs from t = 1 to t = 0        |
-| xi, z        | z             | (B, *D)   | the family's own N(0, I) noise (bridge, si); unused otherwise  |
-| eps_b        | eps           | float     | the bridge's noise level, App. C.1 (`--bridge-eps`)            |
+| xi (si: z)   | xi            | (B, *D)   | the family's own N(0, I) noise (bridge, si); unused otherwise  |
+| a_t, s_t     | a, s          | ()/(B,)   | diffusion's signal and noise scales, Eq. (1)                   |
+| eps_b        | eps_b         | float     | the bridge's noise level, App. C.1 (`--bridge-eps`)            |
+| a in gamma(t)| si_a          | float     | the interpolant's noise amplitude, gamma(t) = a t (1 - t) (`--si-a`) |
 | x_t          | xt            | (B, *D)   | point on the path, `draw`                                      |
 | f_t(x_t|x0)  | c = target    | (B, *D)   | conditional target, affine in x0 (Eq. 3), `target`            |
 | f            | f(x, t)       | callable  | matching model: teacher f_star, fake f_fake, or ExactField     |
@@ -14,7 +16,7 @@
 | G_theta      | generate(g, z)| (B, *D)   | one-step generator, initialised from the teacher's weights     |
 
 Each family writes x_t (`draw`) and c (`target`) as one formula line with its equation number;
-both are linear in (x0, x1, z) with scalar coefficients of t, which is all `ExactField` assumes.
+both are linear in (x0, x1, xi) with scalar coefficients of t, which is all `ExactField` assumes.
 Models are always called through `path.field(f, xt, t, x1)`: the bridge model also sees x1,
 concatenated on dim 1.
 """
@@ -33,12 +35,12 @@ class Path:
     The default sampler and generator are Euler on a velocity field (fm, si)."""
     observes_x1 = False  # True for the bridge: the model input is (x_t, x1)
 
-    def draw(self, x0, x1, t, z):
-        """x_t given the data end x0, the other end x1 and the family's noise z, (B, *D)."""
+    def draw(self, x0, x1, t, xi):
+        """x_t given the data end x0, the other end x1 and the family's noise xi, (B, *D)."""
         raise NotImplementedError
 
-    def target(self, x0, x1, t, z):
-        """The conditional target c = f_t(x_t | x0, x1, z), (B, *D)."""
+    def target(self, x0, x1, t, xi):
+        """The conditional target c = f_t(x_t | x0, x1, xi), (B, *D)."""
         raise NotImplementedError
 
     def sample_t(self, n, device=None):
@@ -57,25 +59,26 @@ class Path:
         return x
 
     def generate(self, g, z, x1=None):
-        """One-step generator G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si)."""
+        """One-step generator G(z) = z - g(z, 1): one Euler step from t = 1 with z ~ p1 (fm, si).
+        The gradient reaches g's weights (the generator is trained through it)."""
+        # BEGIN SOLUTION 8
         return z - self.field(g, z, torch.ones(len(z), device=z.device), x1)
+        # END SOLUTION 8
 
 
 class FlowMatching(Path):
     """Rectified flow / I-CFM, Eq. (2): x1 ~ N(0, I), velocity target."""
-    name = "fm"
 
-    def draw(self, x0, x1, t, z):
+    def draw(self, x0, x1, t, xi):
         t = bcast(t, x0)
         return (1 - t) * x0 + t * x1  # Eq. (2): x_t = (1 - t) x0 + t x1
 
-    def target(self, x0, x1, t, z):
+    def target(self, x0, x1, t, xi):
         return x1 - x0  # Eq. (2): c = x1 - x0
 
 
 class Diffusion(Path):
     """VP diffusion with noise prediction, Eq. (1): x1 = eps ~ N(0, I) is the noise, c = x1."""
-    name = "diffusion"
 
     def __init__(self, beta_min=0.1, beta_max=20.0, t_min=1e-3, sigma_gen=2.5):
         self.beta_min, self.beta_max, self.t_min = beta_min, beta_max, t_min
@@ -89,11 +92,11 @@ class Diffusion(Path):
         a = torch.exp(-0.5 * (self.beta_min * t + 0.5 * (self.beta_max - self.beta_min) * t ** 2))
         return a, torch.sqrt(1 - a ** 2)
 
-    def draw(self, x0, x1, t, z):
+    def draw(self, x0, x1, t, xi):
         a, s = (bcast(v, x0) for v in self.alpha_sigma(t))
         return a * x0 + s * x1  # Eq. (1): x_t = a_t x0 + s_t eps, eps = x1
 
-    def target(self, x0, x1, t, z):
+    def target(self, x0, x1, t, xi):
         return x1  # Eq. (1): c = eps = (x_t - a_t x0) / s_t (DSM with weight s_t^2)
 
     def sample_t(self, n, device=None):
@@ -102,6 +105,7 @@ class Diffusion(Path):
     @torch.no_grad()
     def sample(self, f, x1, steps):
         """Deterministic DDIM: x0_hat = (x - s x1_hat) / a, x' = a' x0_hat + s' x1_hat (x1_hat: the noise)."""
+        # BEGIN SOLUTION 7
         ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
         x = x1
         for i in range(steps):
@@ -110,6 +114,7 @@ class Diffusion(Path):
             x1_hat = self.field(f, x, ts[i].expand(len(x)), x1)
             x = a_next * (x - s * x1_hat) / a + s_next * x1_hat
         return x
+        # END SOLUTION 7
 
     def generate(self, g, z, x1=None):
         """One-step generator as in SiD: x = s_tg z, G(z) = (x - s_tg g(x, t_g)) / a_tg (the teacher's x0 estimate)."""
@@ -121,19 +126,22 @@ class Diffusion(Path):
 
 class Bridge(Path):
     """Brownian bridge with x0-prediction, Eq. (41), App. C.1: (x0, x1) paired (x1 a corrupted
-    observation of x0), noise level eps (the paper's eps_b); the model sees (x_t, x1)."""
-    name = "bridge"
+    observation of x0), noise level eps_b; the model sees (x_t, x1)."""
     observes_x1 = True
 
-    def __init__(self, eps=0.5, t_gen=0.5):
-        self.eps, self.t_gen = eps, t_gen
+    def __init__(self, eps_b=0.5, t_gen=0.5):
+        self.eps_b, self.t_gen = eps_b, t_gen
 
-    def draw(self, x0, x1, t, z):
+    def draw(self, x0, x1, t, xi):
+        # BEGIN SOLUTION 1
         t = bcast(t, x0)
-        return (1 - t) * x0 + t * x1 + torch.sqrt(self.eps * t * (1 - t)) * z  # Eq. (41): + sqrt(eps_b t (1 - t)) xi
+        return (1 - t) * x0 + t * x1 + torch.sqrt(self.eps_b * t * (1 - t)) * xi  # Eq. (41): + sqrt(eps_b t (1 - t)) xi
+        # END SOLUTION 1
 
-    def target(self, x0, x1, t, z):
+    def target(self, x0, x1, t, xi):
+        # BEGIN SOLUTION 1
         return x0  # Eq. (41): c = x0 (x0-prediction)
+        # END SOLUTION 1
 
     def field(self, f, xt, t, x1):
         return f(torch.cat([xt, x1], dim=1), t)
@@ -141,38 +149,38 @@ class Bridge(Path):
     @torch.no_grad()
     def sample(self, f, x1, steps):
         """Euler-Maruyama from t = 1 (x = x1) to 0, drift (x - x0_hat) / t, with the exact
-        Brownian-bridge step variance eps dt (t - dt) / t, so the last step lands on x0_hat."""
+        Brownian-bridge step variance eps_b dt (t - dt) / t, so the last step lands on x0_hat."""
         ts = torch.linspace(1.0, 0.0, steps + 1, device=x1.device)
         x = x1
         for i in range(steps):
             t, t_next = ts[i], ts[i + 1]
             x0_hat = self.field(f, x, t.expand(len(x)), x1)
             mean = x - (t - t_next) * (x - x0_hat) / t
-            x = mean + torch.sqrt(self.eps * (t - t_next) * t_next / t) * torch.randn_like(x)
+            x = mean + torch.sqrt(self.eps_b * (t - t_next) * t_next / t) * torch.randn_like(x)
         return x
 
     def generate(self, g, z, x1=None):
-        """One-step generator G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps t_g (1 - t_g)) z, a noised copy of x1."""
+        """One-step generator G(z, x1) = g(x, t_g, x1) with x = x1 + sqrt(eps_b t_g (1 - t_g)) z, a noised copy of
+        x1: the bridge's x_t at t_g drawn from x0 = x1 with xi = z."""
         t = torch.full((len(z),), self.t_gen, device=z.device)
-        x = x1 + math.sqrt(self.eps * self.t_gen * (1 - self.t_gen)) * z
+        x = self.draw(x1, x1, t, z)
         return self.field(g, x, t, x1)
 
 
 class Interpolant(Path):
     """Stochastic interpolant, Eq. (42), App. C.2: x1 from a source independent of x0,
     gamma(t) = a t (1 - t), velocity target."""
-    name = "si"
 
-    def __init__(self, a=1.0):
-        self.a = a
+    def __init__(self, si_a=1.0):
+        self.si_a = si_a
 
-    def draw(self, x0, x1, t, z):
+    def draw(self, x0, x1, t, xi):
         t = bcast(t, x0)
-        return (1 - t) * x0 + t * x1 + self.a * t * (1 - t) * z  # Eq. (42): + gamma(t) z
+        return (1 - t) * x0 + t * x1 + self.si_a * t * (1 - t) * xi  # Eq. (42): + gamma(t) z
 
-    def target(self, x0, x1, t, z):
+    def target(self, x0, x1, t, xi):
         t = bcast(t, x0)
-        return x1 - x0 + self.a * (1 - 2 * t) * z  # Eq. (42): c = x1 - x0 + gamma'(t) z
+        return x1 - x0 + self.si_a * (1 - 2 * t) * xi  # Eq. (42): c = x1 - x0 + gamma'(t) z
 
 
 PATHS = {"fm": FlowMatching, "diffusion": Diffusion, "bridge": Bridge, "si": Interpolant}
@@ -200,12 +208,11 @@ class GaussianMixture:
     def standard(d):
         return GaussianMixture(torch.zeros(1, d), torch.eye(d)[None], [1.0])
 
-    def sample(self, n, generator=None, labels=False):
-        """(n, d) float32 samples (and their component labels (n,) when labels=True)."""
+    def sample(self, n, generator=None):
+        """(n, d) float32 samples."""
         k = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        eps = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
-        x = self.means[k] + (self.chol[k] @ eps[:, :, None])[:, :, 0]
-        return (x.float(), k) if labels else x.float()
+        noise = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
+        return (self.means[k] + (self.chol[k] @ noise[:, :, None])[:, :, 0]).float()
 
     def component_log_probs(self, x):
         """log w_k + log N(x; m_k, S_k), (n, K)."""
@@ -243,8 +250,8 @@ def corrupted(p0, H, sigma):
 
 
 def unit_coefficients(fn, t):
-    """(B, 3) coefficients of x0, x1, z in fn(x0, x1, t, z) (a path's `draw` or `target`), read off by
-    evaluating fn at unit inputs in 1-D: the families are linear in (x0, x1, z) with scalar coefficients."""
+    """(B, 3) coefficients of x0, x1, xi in fn(x0, x1, t, xi) (a path's `draw` or `target`), read off by
+    evaluating fn at unit inputs in 1-D: the families are linear in (x0, x1, xi) with scalar coefficients."""
     one, zero = torch.ones(len(t), 1, dtype=torch.float64), torch.zeros(len(t), 1, dtype=torch.float64)
     return torch.cat([fn(one, zero, t, zero), fn(zero, one, t, zero), fn(zero, zero, t, one)], 1)
 
@@ -252,7 +259,7 @@ def unit_coefficients(fn, t):
 class ExactField:
     """The exact teacher f*(x, t) = E[c | x] for (x0, x1) ~ joint, a GaussianMixture over (x0, x1).
 
-    x is the model input: x_t, or (x_t, x1) concatenated for the bridge. Per component, (x0, x1, z)
+    x is the model input: x_t, or (x_t, x1) concatenated for the bridge. Per component, (x0, x1, xi)
     is Gaussian and x and c are linear in it (coefficients from the path's own `draw` and `target`),
     so E[c | x] is a posterior-weighted sum of Gaussian conditional means.
     """
@@ -269,7 +276,7 @@ class ExactField:
 
         t = t.double()
         M, C = rows(unit_coefficients(self.path.draw, t)), rows(unit_coefficients(self.path.target, t))
-        if self.path.observes_x1:  # the bridge model also sees x1 = [0, I, 0] (x0, x1, z)
+        if self.path.observes_x1:  # the bridge model also sees x1 = [0, I, 0] (x0, x1, xi)
             M = torch.cat([M, rows(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64).expand(len(t), 3))], 1)
         K = len(self.joint.weights)
         mu = torch.cat([self.joint.means, torch.zeros(K, d, dtype=torch.float64)], 1)  # (K, 3d)
@@ -282,11 +289,17 @@ class ExactField:
         return mu_x, cov_xx, mu_c, C @ cov @ M.transpose(-1, -2)
 
     def _posterior(self, x, t):
-        mu_x, cov_xx, mu_c, cov_cx = self._moments(t)
-        diff = x.double()[:, None] - mu_x  # (B, K, dx)
+        # the moments once per distinct time (one for a sampler step or a test at fixed t), then per sample
+        t = t.double()
+        one_time = bool((t == t[0]).all())
+        times, index = (t[:1], None) if one_time else torch.unique(t, return_inverse=True)
+        mu_x, cov_xx, mu_c, cov_cx = self._moments(times)
         L = torch.linalg.cholesky(cov_xx)
-        sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
         log_det = 2 * torch.log(torch.diagonal(L, dim1=-2, dim2=-1)).sum(-1)
+        if not one_time:  # one time broadcasts as it is
+            mu_x, L, mu_c, cov_cx, log_det = (v[index] for v in (mu_x, L, mu_c, cov_cx, log_det))
+        diff = x.double()[:, None] - mu_x  # (B, K, dx)
+        sol = torch.cholesky_solve(diff[..., None], L)  # cov_xx^{-1} (x - mu_x)
         log_p = -0.5 * ((diff[..., None] * sol).sum((-1, -2)) + log_det + diff.shape[-1] * math.log(2 * math.pi))
         return self.joint.weights.log() + log_p, mu_c + (cov_cx @ sol)[..., 0]  # (B, K), (B, K, d)
 

@@ -29,42 +29,72 @@ def random_spd(d, rng):
 
 
 # ----------------------------------------------------------------------------- Frechet distance
+@pytest.mark.ex10
 def test_frechet_distance_equal_covariances_is_squared_mean_distance():
     rng = np.random.default_rng(0)
     mu1, mu2, sigma = rng.standard_normal(6), rng.standard_normal(6), random_spd(6, rng)
-    assert fid.frechet_distance(mu1, sigma, mu2, sigma) == pytest.approx(np.sum((mu1 - mu2) ** 2), abs=1e-8)
+    got, expected = fid.frechet_distance(mu1, sigma, mu2, sigma), np.sum((mu1 - mu2) ** 2)
+    assert got == pytest.approx(expected, abs=1e-8), \
+        f"equal covariances: got {got:.8f}, expected ||mu1 - mu2||^2 = {expected:.8f}"
 
 
+@pytest.mark.ex10
 def test_frechet_distance_diagonal_covariances_closed_form():
     # d^2 = |mu1 - mu2|^2 + sum_i (sqrt(a_i) - sqrt(b_i))^2 for sigma1 = diag(a), sigma2 = diag(b)
     rng = np.random.default_rng(1)
     mu1, mu2 = rng.standard_normal(5), rng.standard_normal(5)
     a, b = rng.uniform(0.1, 3, 5), rng.uniform(0.1, 3, 5)
     expected = np.sum((mu1 - mu2) ** 2) + np.sum((np.sqrt(a) - np.sqrt(b)) ** 2)
-    assert fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b)) == pytest.approx(expected, rel=1e-10)
+    got = fid.frechet_distance(mu1, np.diag(a), mu2, np.diag(b))
+    assert got == pytest.approx(expected, rel=1e-10), \
+        f"diagonal covariances: got {got:.8f}, expected ||mu1 - mu2||^2 + sum (sqrt a - sqrt b)^2 = {expected:.8f}"
 
 
+@pytest.mark.ex10
 def test_frechet_distance_scaled_full_covariance_closed_form():
     # sigma2 = c^2 sigma1 gives (sigma1 sigma2)^(1/2) = c sigma1, so d^2 = (1 - c)^2 Tr(sigma1)
     rng = np.random.default_rng(2)
     mu, sigma, c = rng.standard_normal(7), random_spd(7, rng), 2.5
     expected = (1 - c) ** 2 * np.trace(sigma)
-    assert fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma) == pytest.approx(expected, rel=1e-8)
+    got = fid.frechet_distance(mu, sigma, mu, c ** 2 * sigma)
+    assert got == pytest.approx(expected, rel=1e-8), \
+        f"sigma2 = c^2 sigma1: got {got:.8f}, expected (1 - c)^2 Tr(sigma1) = {expected:.8f}"
 
 
+@pytest.mark.ex10
+def test_frechet_distance_non_commuting_2x2_closed_form():
+    # for 2 x 2 M = sigma1 sigma2 (eigenvalues l1, l2 > 0): Tr M^(1/2) = sqrt(l1) + sqrt(l2)
+    # = sqrt(tr M + 2 sqrt(det M));
+    # the two covariances do not commute, so Tr(sigma1^(1/2) sigma2^(1/2)) is another number
+    s1, s2 = np.array([[2.0, 0.9], [0.9, 1.0]]), np.array([[1.0, -0.4], [-0.4, 0.5]])
+    mu1, mu2 = np.array([0.3, -1.0]), np.array([-0.2, 0.5])
+    assert np.abs(s1 @ s2 - s2 @ s1).max() > 0.5, "the oracle's covariances must not commute"
+    m = s1 @ s2
+    expected = np.sum((mu1 - mu2) ** 2) + np.trace(s1) + np.trace(s2) - 2 * math.sqrt(np.trace(m) + 2 * math.sqrt(
+        np.linalg.det(m)))
+    got = fid.frechet_distance(mu1, s1, mu2, s2)
+    assert got == pytest.approx(expected, rel=1e-10), (
+        f"non-commuting 2 x 2 covariances: got {got:.8f}, expected {expected:.8f} from Tr (sigma1 sigma2)^(1/2) = "
+        "sqrt(tr M + 2 sqrt(det M))")
+
+
+@pytest.mark.ex10
 def test_frechet_distance_of_a_gaussian_with_itself_is_zero():
     # Tr(sigma + sigma - 2 (sigma sigma)^(1/2)) = 0, here with eigenvalues spread over four decades
     rng = np.random.default_rng(3)
     q, _ = np.linalg.qr(rng.standard_normal((16, 16)))
     mu, sigma = rng.standard_normal(16), q @ np.diag(np.logspace(-2, 2, 16)) @ q.T
-    assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-8
+    got = fid.frechet_distance(mu, sigma, mu, sigma)
+    assert abs(got) < 1e-8, f"a Gaussian against itself: got {got:.3g}, expected 0"
 
 
+@pytest.mark.ex10
 def test_frechet_distance_is_symmetric():
     rng = np.random.default_rng(4)
     mu1, mu2, s1, s2 = rng.standard_normal(8), rng.standard_normal(8), random_spd(8, rng), random_spd(8, rng)
     d12, d21 = fid.frechet_distance(mu1, s1, mu2, s2), fid.frechet_distance(mu2, s2, mu1, s1)
-    assert d12 > 0.1 and d12 == pytest.approx(d21, rel=1e-9)
+    assert d12 > 0.1 and d12 == pytest.approx(d21, rel=1e-9), \
+        f"symmetry: d(1, 2) = {d12:.8f}, d(2, 1) = {d21:.8f}; expected equal and > 0.1"
 
 
 @pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # scipy's own note on the singular product
@@ -159,16 +189,19 @@ def tf1_resize_loop(img, size):
     return out
 
 
+@pytest.mark.ex9
 @pytest.mark.parametrize("h, w, size", [(5, 7, 9), (8, 6, 3), (32, 32, 299)])
 def test_resize_tf1_matches_per_pixel_loop_of_tf1_rule(h, w, size):
     img = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=torch.Generator().manual_seed(h))
     out = fid.resize_tf1(img.float(), size)
-    assert out.shape == (2, 3, size, size)
+    assert out.shape == (2, 3, size, size), f"resize to {size}: got shape {tuple(out.shape)}"
     for b, c in [(0, 0), (1, 2)]:
         expected = tf1_resize_loop(img[b, c].double().numpy(), size)
-        np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3)  # float32 on a 0..255 scale
+        np.testing.assert_allclose(out[b, c].numpy(), expected, atol=1e-3,  # float32 on a 0..255 scale
+                                   err_msg=f"{h} x {w} -> {size}: against TF1's rule, one pixel at a time")
 
 
+@pytest.mark.ex9
 def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
     # bilinear interpolation is exact on a linear ramp img[y, x] = x + 10 y, so output pixel (i, j) is the ramp
     # at TF1's sample point (i h / size, j w / size), clamped to the last row / column beyond it
@@ -177,14 +210,18 @@ def test_resize_tf1_of_a_ramp_is_the_sampled_coordinate_clamped_at_the_border():
     out = fid.resize_tf1((x + 10 * y)[None, None].float(), size)[0, 0].double()
     i = torch.arange(size, dtype=torch.float64)
     ys, xs = (i * h / size).clamp(max=h - 1), (i * w / size).clamp(max=w - 1)
-    torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out, xs[None, :] + 10 * ys[:, None], rtol=0, atol=1e-4, msg=lambda m: (
+        f"a ramp x + 10 y, {h} x {w} -> {size}: against the ramp at TF1's sample points i * in / size, clamped; {m}"))
 
 
+@pytest.mark.ex9
 def test_resize_tf1_is_not_interpolate_half_pixel_rule():
     # the two rules sample different coordinates, so they disagree by whole grey levels
     img = torch.randint(0, 256, (1, 3, 32, 32), generator=torch.Generator().manual_seed(0)).float()
     other = torch.nn.functional.interpolate(img, size=299, mode="bilinear", align_corners=False)
-    assert (fid.resize_tf1(img, 299) - other).abs().max() > 10
+    diff = float((fid.resize_tf1(img, 299) - other).abs().max())
+    assert diff > 10, (f"resize_tf1 against F.interpolate's half-pixel rule: largest difference {diff:.3g} grey "
+                       "levels, expected > 10 (TF1 samples i * in / size, not (i + 0.5) * in / size - 0.5)")
 
 
 def test_preprocess_maps_uint8_to_network_range():
@@ -439,7 +476,7 @@ def test_cli_fid_between_stats_files_prints_the_closed_form_distance(tmp_path, m
     assert code == 0 and out.strip() == f"FID {expected:.4f}"  # stats files need no network and no weights
 
 
-# ----------------------------------------------------------------------------- command line: wrong input, said in one line
+# --------------------------------------------------------------------- command line: wrong input, said in one line
 def cli(monkeypatch, capsys, *argv):
     """fid.main() with these arguments -> (exit status, stdout, stderr)."""
     monkeypatch.setattr(sys, "argv", ["fid.py", *map(str, argv)])
@@ -526,7 +563,8 @@ def test_cli_checks_counts_and_out_before_the_network(tmp_path, monkeypatch, cap
 def test_png_16_bit_keeps_the_high_byte_as_tensorflow_decode_png(tmp_path):
     # D15: 16-bit grey PNGs were clipped to 255; TF's decode_png(dtype=uint8) keeps the high byte (png_set_strip_16)
     rng = np.random.default_rng(9)
-    grey, rgb = rng.integers(0, 65536, (2, 4, 5), dtype=np.uint16), rng.integers(0, 65536, (2, 4, 5, 3), dtype=np.uint16)
+    grey = rng.integers(0, 65536, (2, 4, 5), dtype=np.uint16)
+    rgb = rng.integers(0, 65536, (2, 4, 5, 3), dtype=np.uint16)
     grey8 = rng.integers(0, 256, (2, 4, 5), dtype=np.uint8)
     for name, imgs, expected in [("grey16", grey, np.repeat(grey[..., None] >> 8, 3, axis=3)),
                                  ("rgb16", rgb, rgb >> 8), ("grey8", grey8, np.repeat(grey8[..., None], 3, axis=3))]:
@@ -593,7 +631,8 @@ def test_cli_real_write_failure_is_one_line_and_exit_status_1(tmp_path):
         resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
     r = subprocess.run([sys.executable, fid.__file__, "stats", str(tmp_path / "src.npz"), "--out",
-                        str(tmp_path / "out.npz")], capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
+                        str(tmp_path / "out.npz")],
+                       capture_output=True, text=True, env=env, preexec_fn=limit, timeout=300)
     assert (r.returncode, r.stdout) == (1, "") and r.stderr.count("\n") == 1, r.stderr
     assert r.stderr.startswith("fid.py: error: could not write") and "File too large" in r.stderr
     assert os.listdir(tmp_path) == ["src.npz"]
