@@ -20,18 +20,10 @@ from PIL import Image
 import cifar
 import nets
 
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")  # tests/conftest.py
+
 N_PER_BATCH = 4  # 5 batches: 20 training images
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # cifar.py's folder
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread for this file: its small networks gain little from two, and on a shared machine two
-    threads wait for each other far longer than they compute (30x slower under load)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -40,11 +32,6 @@ def small_grids():
     grid, cifar.GRID = cifar.GRID, 10
     yield
     cifar.GRID = grid
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # every test draws the same numbers in every run, whatever ran before it
 
 
 def images_for(labels, rng):

@@ -7,20 +7,7 @@ import torch.nn.functional as F
 
 import nets
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread for this file: its small networks gain little from two, and on a shared machine two
-    threads wait for each other far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # every test draws the same numbers in every run, whatever ran before it
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")  # tests/conftest.py
 
 
 def randomised(net):

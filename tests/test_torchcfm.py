@@ -9,22 +9,9 @@ import torch
 import nets
 from make_torchcfm_fixture import UNET, fixture_weights
 
+pytestmark = pytest.mark.usefixtures("one_thread", "seeded")  # tests/conftest.py
+
 FIXTURE = torch.load(Path(__file__).with_name("torchcfm_fixture.pt"), weights_only=True)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One CPU thread for this file: its small networks gain little from two, and on a shared machine two
-    threads wait for each other far longer than they compute."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def seeded():
-    torch.manual_seed(0)  # every test draws the same numbers in every run, whatever ran before it
 
 
 @functools.cache
